@@ -1,0 +1,72 @@
+"""Backend selection: argument > ``JAXQUANT_BACKEND`` > auto.
+
+``auto`` (and ``None`` with no environment variable) uses ``"pallas"`` when JAX's default
+backend is a CUDA GPU, a Pallas kernel exists for the op and its ``supports()`` predicate holds;
+otherwise ``"xla"`` (the pure-jnp reference). An explicit ``backend="pallas"`` or
+``"interpret"`` for an op without that kernel is an error; the same request through the
+environment variable is a preference and falls back to ``"xla"``, since it applies to all ops
+at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+
+import pallas_kernels
+
+BACKENDS = ("auto", "xla", "pallas", "interpret")
+ENV_VAR = "JAXQUANT_BACKEND"
+
+
+@functools.cache
+def _on_cuda_gpu() -> bool:
+  try:
+    return jax.default_backend() == "gpu" and jax.devices()[0].platform in ("gpu", "cuda")
+  except RuntimeError:
+    return False
+
+
+def select(op: str, backend: str | None, *args: Any, **kwargs: Any) -> str:
+  """The implementation of ``op`` to run for ``backend`` and these arguments."""
+  from_env = backend is None
+  if from_env:
+    backend = os.environ.get(ENV_VAR, "auto") or "auto"
+  if backend not in BACKENDS:
+    source = f"environment variable {ENV_VAR}" if from_env else "backend"
+    raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
+  available = pallas_kernels.implementations(op)
+  if backend == "xla":
+    return "xla"
+  if backend == "auto":
+    if "pallas" in available and _on_cuda_gpu() and pallas_kernels.get(op, "pallas").supports(
+        *args, **kwargs):
+      return "pallas"
+    return "xla"
+  # backend is "pallas" or "interpret"
+  if backend not in available:
+    if from_env:
+      return "xla"
+    raise ValueError(
+        f"backend={backend!r} is not available for {op}: no Pallas kernel has been written for "
+        f"it yet (available: {available}). Use backend='xla' or None."
+    )
+  if not pallas_kernels.get(op, backend).supports(*args, **kwargs):
+    return "xla"  # valid input the kernel does not cover: the reference is always right
+  if backend == "pallas" and not _on_cuda_gpu():
+    if from_env:
+      return "xla"
+    raise ValueError(
+        f"backend='pallas' needs a CUDA GPU, but JAX's default backend is "
+        f"{jax.default_backend()!r}; use backend='interpret' to run the kernel on this machine"
+    )
+  return backend
+
+
+def call(op: str, backend: str | None, *args: Any, **kwargs: Any) -> Any:
+  """Run ``op`` on the implementation :func:`select` picks."""
+  impl = select(op, backend, *args, **kwargs)
+  return pallas_kernels.get(op, impl).fn(*args, **kwargs)

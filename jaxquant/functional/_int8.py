@@ -1,0 +1,145 @@
+"""LLM.int8(): row-wise int8 quantization, the int8 weight state and the int8 linear layer."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxquant import _dispatch, _validate
+from jaxquant.functional._cotangent import zeros_cotangent
+from jaxquant.quant_state import QuantState
+from pallas_kernels.int8_matmul import reference
+
+__all__ = ["int8_vectorwise_quant", "int8_vectorwise_dequant", "quantize_int8", "int8_linear"]
+
+
+def _check_threshold(threshold: float) -> float:
+  if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
+    raise ValueError(f"threshold must be a float >= 0 (0 disables outliers), got {threshold!r}")
+  return float(threshold)
+
+
+def int8_vectorwise_quant(x: ArrayLike, threshold: float = 0.0, *, backend: str | None = None):
+  """Row-wise absmax int8 quantization (bitsandbytes' ``int8_vectorwise_quant``).
+
+  Args:
+    x: ``(..., K)`` float32/float16/bfloat16; every leading index is a row.
+    threshold: elements with ``|x| >= threshold`` are outliers (excluded from the row scale,
+      zeroed in the int8 values, their columns reported); ``0`` disables this.
+    backend: ``None``, ``"auto"``, ``"xla"``, ``"pallas"`` or ``"interpret"``.
+
+  Returns:
+    ``(q, row_stats, outlier_cols)``: ``int8 (..., K)``, ``float32 (...)`` row absmax and a
+    ``bool (K,)`` mask of outlier columns (bitsandbytes returns their indices:
+    ``jnp.nonzero(outlier_cols)`` outside jit). ``q = rint(x * 127 / row_stats)``.
+  """
+  x = jnp.asarray(x) if not hasattr(x, "shape") else x
+  _validate.check_array("x", x)
+  threshold = _check_threshold(threshold)
+  return _dispatch.call("int8_vectorwise_quant", backend, x, threshold=threshold)
+
+
+def int8_vectorwise_dequant(q: ArrayLike, row_stats: ArrayLike) -> jax.Array:
+  """``q * row_stats / 127``: ``int8 (..., K)``, ``float32 (...)`` → ``float32 (..., K)``."""
+  _validate.check_array("q", q, dtypes=(jnp.int8,))
+  _validate.check_array("row_stats", row_stats, dtypes=(jnp.float32,), min_ndim=0)
+  if tuple(row_stats.shape) != tuple(q.shape[:-1]):
+    raise ValueError(f"row_stats must have shape {tuple(q.shape[:-1])} (q.shape[:-1]), got "
+                     f"{tuple(row_stats.shape)}")
+  return reference.int8_vectorwise_dequant(q, row_stats)
+
+
+def quantize_int8(w: ArrayLike) -> QuantState:
+  """The row-wise int8 weight of bitsandbytes' ``Int8Params`` (its ``CB`` and ``SCB``).
+
+  As bitsandbytes does, the weight is first rounded to float16, so the bytes match its
+  checkpoints.
+
+  Args:
+    w: ``(out_features, in_features)`` float weight (torch layout).
+
+  Returns:
+    An ``int8_rowwise`` :class:`QuantState`: ``data`` int8 ``(N, K)``, ``absmax`` float32
+    ``(N,)`` (one scale per output row), ``code`` None.
+  """
+  w = jnp.asarray(w) if not hasattr(w, "shape") else w
+  _validate.check_array("w", w, ndim=2)
+  _validate.check_finite("w", w)
+  if _validate.is_concrete(w):
+    big = float(jnp.max(jnp.abs(w.astype(jnp.float32))))
+    if big > 65504.0:
+      raise ValueError(f"w has |values| up to {big}, beyond float16's range (65504) that "
+                       "LLM.int8() weights are quantized from")
+  q, stats, _ = reference.int8_vectorwise_quant(w.astype(jnp.float16), threshold=0.0)
+  return QuantState(data=q, absmax=stats, code=None, nested_absmax=None, nested_code=None,
+                    offset=None, shape=tuple(w.shape), dtype=w.dtype, blocksize=w.shape[1],
+                    quant_type="int8_rowwise")
+
+
+def check_int8_state(state: QuantState) -> None:
+  if not isinstance(state, QuantState):
+    raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+  _validate.check_choice("state.quant_type", state.quant_type, ("int8_rowwise",))
+  state.check()
+
+
+def _check_linear_args(x, state: QuantState, bias) -> None:
+  _validate.check_array("x", x)
+  if x.shape[-1] != state.shape[1]:
+    raise ValueError(f"x.shape[-1] must equal the weight's in_features {state.shape[1]} "
+                     f"(weight shape {state.shape}), got x of shape {tuple(x.shape)}")
+  if bias is not None:
+    _validate.check_array("bias", bias)
+    if tuple(bias.shape) != (state.shape[0],):
+      raise ValueError(f"bias must have shape ({state.shape[0]},), got {tuple(bias.shape)}")
+
+
+def int8_linear(x: ArrayLike, state: QuantState, bias: ArrayLike | None = None,
+                threshold: float = 6.0, *, backend: str | None = None) -> jax.Array:
+  """LLM.int8() linear: ``x @ W.T + bias`` with int8 activations and weight.
+
+  Rows of ``x`` are quantized to int8 on the fly; with ``threshold > 0`` the columns holding
+  an outlier (``|x| >= threshold``) are computed in 16-bit against the dequantized weight
+  columns and added back. Differentiable in ``x`` and ``bias`` (``dx = dy @ dequant(W)``);
+  the weight is a constant.
+
+  Args:
+    x: ``(..., K)`` float32/float16/bfloat16.
+    state: ``quantize_int8(w)`` of a ``(N, K)`` weight.
+    bias: ``(N,)`` or None.
+    threshold: outlier threshold (``0`` disables the outlier path).
+    backend: ``None``, ``"auto"``, ``"xla"``, ``"pallas"`` or ``"interpret"``.
+
+  Returns:
+    ``(..., N)`` in ``x.dtype``.
+  """
+  x = jnp.asarray(x) if not hasattr(x, "shape") else x
+  check_int8_state(state)
+  _check_linear_args(x, state, bias)
+  return _int8_linear(x, state, bias, _check_threshold(threshold), backend)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _int8_linear(x, state, bias, threshold, backend):
+  return _dispatch.call("int8_linear", backend, x, state.data, state.absmax, bias,
+                        threshold=threshold)
+
+
+def _int8_linear_fwd(x, state, bias, threshold, backend):
+  return _int8_linear(x, state, bias, threshold, backend), (state, bias)
+
+
+def _int8_linear_bwd(threshold, backend, res, g):
+  del threshold
+  state, bias = res
+  dx = _dispatch.call("int8_linear_grad_input", backend, g, state.data, state.absmax)
+  dbias = None
+  if bias is not None:
+    dbias = jnp.sum(g.reshape(-1, g.shape[-1]).astype(jnp.float32), axis=0).astype(bias.dtype)
+  return dx, zeros_cotangent(state), dbias
+
+
+_int8_linear.defvjp(_int8_linear_fwd, _int8_linear_bwd)

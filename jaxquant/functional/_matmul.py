@@ -1,0 +1,77 @@
+"""4-bit matmul (QLoRA's frozen base weight) with a custom VJP."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxquant import _dispatch, _validate
+from jaxquant.functional._cotangent import zeros_cotangent
+from jaxquant.functional._fourbit import check_4bit_state, nested_of
+from jaxquant.quant_state import QuantState
+
+__all__ = ["matmul_4bit"]
+
+
+def matmul_4bit(x: ArrayLike, state: QuantState, bias: ArrayLike | None = None, *,
+                backend: str | None = None) -> jax.Array:
+  """``x @ W.T + bias`` with a 4-bit weight ``W`` (bitsandbytes' ``matmul_4bit``).
+
+  The product is computed in ``x.dtype`` with float32 accumulation: ``W`` is dequantized to
+  ``x.dtype`` (fused into the kernel on the GPU; never materialized in HBM there).
+  Differentiable in ``x`` and ``bias``; the quantized weight is a constant
+  (``dx = dy @ dequant(W)``, through the kernel as well).
+
+  Args:
+    x: ``(..., K)`` float32/float16/bfloat16, any leading dims.
+    state: 4-bit :class:`QuantState` of a ``(N, K)`` weight (torch layout).
+    bias: ``(N,)`` or None.
+    backend: ``None``, ``"auto"``, ``"xla"``, ``"pallas"`` or ``"interpret"``.
+
+  Returns:
+    ``(..., N)`` in ``x.dtype``.
+  """
+  x = jnp.asarray(x) if not hasattr(x, "shape") else x
+  check_4bit_state(state)
+  if state.ndim != 2:
+    raise ValueError(f"state must hold a 2-D (out_features, in_features) weight, got shape "
+                     f"{state.shape}")
+  _validate.check_array("x", x)
+  if x.shape[-1] != state.shape[1]:
+    raise ValueError(f"x.shape[-1] must equal the weight's in_features {state.shape[1]} "
+                     f"(weight shape {state.shape}), got x of shape {tuple(x.shape)}")
+  if bias is not None:
+    _validate.check_array("bias", bias)
+    if tuple(bias.shape) != (state.shape[0],):
+      raise ValueError(f"bias must have shape ({state.shape[0]},), got {tuple(bias.shape)}")
+  return _matmul_4bit(x, state, bias, backend)
+
+
+def _weight_kwargs(state: QuantState) -> dict:
+  return dict(shape=state.shape, blocksize=state.blocksize, nested=nested_of(state))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _matmul_4bit(x, state, bias, backend):
+  return _dispatch.call("matmul_4bit", backend, x, state.data, state.absmax, state.code, bias,
+                        **_weight_kwargs(state))
+
+
+def _matmul_4bit_fwd(x, state, bias, backend):
+  return _matmul_4bit(x, state, bias, backend), (state, bias)
+
+
+def _matmul_4bit_bwd(backend, res, g):
+  state, bias = res
+  dx = _dispatch.call("matmul_4bit_grad_input", backend, g, state.data, state.absmax,
+                      state.code, **_weight_kwargs(state))
+  dbias = None
+  if bias is not None:
+    dbias = jnp.sum(g.reshape(-1, g.shape[-1]).astype(jnp.float32), axis=0).astype(bias.dtype)
+  return dx, zeros_cotangent(state), dbias
+
+
+_matmul_4bit.defvjp(_matmul_4bit_fwd, _matmul_4bit_bwd)

@@ -1,0 +1,1 @@
+"""See reference.py and api.py."""
