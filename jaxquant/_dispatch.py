@@ -66,7 +66,27 @@ def select(op: str, backend: str | None, *args: Any, **kwargs: Any) -> str:
   return backend
 
 
+def _hashable(value: Any) -> bool:
+  try:
+    hash(value)
+  except TypeError:
+    return False
+  return True
+
+
+@functools.cache
+def _jitted(op: str, impl: str, static_argnames: tuple[str, ...]):
+  return jax.jit(pallas_kernels.get(op, impl).fn, static_argnames=static_argnames)
+
+
 def call(op: str, backend: str | None, *args: Any, **kwargs: Any) -> Any:
-  """Run ``op`` on the implementation :func:`select` picks."""
+  """Run ``op`` on the implementation :func:`select` picks.
+
+  When every keyword argument is a static (hashable) parameter the implementation runs
+  under ``jax.jit`` (compiled once per shape), so eager calls are fast too; inside an outer
+  ``jit`` this is simply inlined.
+  """
   impl = select(op, backend, *args, **kwargs)
+  if all(_hashable(v) for v in kwargs.values()):
+    return _jitted(op, impl, tuple(sorted(kwargs)))(*args, **kwargs)
   return pallas_kernels.get(op, impl).fn(*args, **kwargs)

@@ -78,7 +78,7 @@ def matmul_4bit(x: jax.Array, packed: jax.Array, absmax: jax.Array, code: jax.Ar
   y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
                           preferred_element_type=jnp.float32)
   if bias is not None:
-    y = y + bias.astype(jnp.float32)
+    y = y + bias.astype(jnp.float32).reshape((1,) * (y.ndim - 1) + (-1,))
   return y.astype(x.dtype)
 
 
