@@ -1,0 +1,139 @@
+"""Computations shared by the NNX and Linen layers: dtype rules, quantizing a Flax kernel,
+the quantized matmuls and embedding lookups. All take and return plain arrays/QuantStates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+from jaxquant import _validate
+from jaxquant import functional as F
+from jaxquant.quant_state import FOUR_BIT_TYPES, QuantState
+
+__all__ = [
+    "output_dtype", "check_4bit_layer", "quantize_kernel_4bit", "quantize_kernel_8bit",
+    "linear_4bit", "linear_8bit", "embed_lookup", "embed_attend", "dequantize_kernel",
+    "dequantize_table", "quantize_table", "constrain",
+]
+
+QUANT_TYPES_4BIT = FOUR_BIT_TYPES
+
+
+def output_dtype(x_dtype: DTypeLike, param_dtype: DTypeLike, dtype: DTypeLike | None) -> Any:
+  """The dtype the replaced Flax layer would return: ``dtype``, else the promotion of the
+  input and parameter dtypes (always inexact), as ``flax.nnx.nn.dtypes.canonicalize_dtype``."""
+  if dtype is not None:
+    return jnp.dtype(dtype)
+  dt = jnp.result_type(x_dtype, param_dtype)
+  if not jnp.issubdtype(dt, jnp.inexact):
+    dt = jnp.promote_types(jnp.float32, dt)
+  return jnp.dtype(dt)
+
+
+def check_4bit_layer(layer: str, in_features: int, *, quant_type: str, blocksize: int,
+                     where: str = "") -> None:
+  """Reject a 4-bit configuration that cannot hold a ``(*, in_features)`` weight."""
+  _validate.check_choice("quant_type", quant_type, QUANT_TYPES_4BIT)
+  _validate.check_choice("blocksize", blocksize, _validate.BLOCKSIZES_4BIT)
+  if in_features % blocksize:
+    divisors = [b for b in _validate.BLOCKSIZES_4BIT if in_features % b == 0]
+    hint = (f"use blocksize in {tuple(divisors)}" if divisors else
+            "no 4-bit blocksize divides it; keep this layer in floating point (skip_modules)")
+    raise ValueError(
+        f"blocksize={blocksize} does not divide {layer}={in_features}{where}: 4-bit blocks run "
+        f"along the input dimension and must tile it exactly; {hint}")
+
+
+def quantize_kernel_4bit(kernel: jax.Array, *, quant_type: str, blocksize: int,
+                         double_quant: bool) -> QuantState:
+  """A Flax kernel ``(in, out)`` → 4-bit QuantState of its transpose ``(out, in)``."""
+  return F.quantize_4bit(kernel.T, blocksize, bool(double_quant), quant_type)
+
+
+def quantize_kernel_8bit(kernel: jax.Array) -> QuantState:
+  """A Flax kernel ``(in, out)`` → LLM.int8() row-wise QuantState of ``(out, in)``."""
+  return F.quantize_int8(kernel.T)
+
+
+def quantize_table(table: jax.Array, *, bits: int, quant_type: str = "fp4",
+                   blocksize: int = 64, double_quant: bool = False) -> QuantState:
+  """An embedding table ``(num, features)`` → QuantState (rows stay rows)."""
+  if bits == 4:
+    return F.quantize_4bit(table, blocksize, bool(double_quant), quant_type)
+  return F.quantize_int8(table)
+
+
+def dequantize_kernel(state: QuantState, dtype: DTypeLike) -> jax.Array:
+  """The float Flax kernel ``(in, out)`` of a linear QuantState (stored ``(out, in)``)."""
+  return dequantize_table(state, dtype).T
+
+
+def dequantize_table(state: QuantState, dtype: DTypeLike) -> jax.Array:
+  """The float tensor of ``state.shape`` in ``dtype``."""
+  if state.quant_type in FOUR_BIT_TYPES:
+    return F.dequantize_4bit(state, dtype)
+  return F.int8_vectorwise_dequant(state.data, state.absmax).astype(dtype)
+
+
+def constrain(y: jax.Array, out_sharding: Any) -> jax.Array:
+  if out_sharding is None:
+    return y
+  return jax.lax.with_sharding_constraint(y, out_sharding)
+
+
+def _bias_in(bias: jax.Array | None, dtype: Any) -> jax.Array | None:
+  return None if bias is None else bias.astype(dtype)
+
+
+def linear_4bit(x: jax.Array, state: QuantState, bias: jax.Array | None, *, out_dtype: Any,
+                compute_dtype: Any | None) -> jax.Array:
+  """``x @ W.T + bias`` through :func:`jaxquant.functional.matmul_4bit`, computed in
+  ``compute_dtype`` (default ``out_dtype``) and returned in ``out_dtype``."""
+  cdt = out_dtype if compute_dtype is None else jnp.dtype(compute_dtype)
+  y = F.matmul_4bit(x.astype(cdt), state, _bias_in(bias, cdt))
+  return y.astype(out_dtype)
+
+
+def linear_8bit(x: jax.Array, state: QuantState, bias: jax.Array | None, *, out_dtype: Any,
+                compute_dtype: Any | None, threshold: float) -> jax.Array:
+  """LLM.int8() ``x @ W.T + bias`` through :func:`jaxquant.functional.int8_linear`."""
+  cdt = out_dtype if compute_dtype is None else jnp.dtype(compute_dtype)
+  y = F.int8_linear(x.astype(cdt), state, _bias_in(bias, cdt), threshold)
+  return y.astype(out_dtype)
+
+
+def _check_ids(inputs: jax.Array) -> None:
+  if not jnp.issubdtype(inputs.dtype, jnp.integer):
+    raise ValueError(f"inputs must be integer token ids, got dtype {inputs.dtype}")
+
+
+def embed_lookup(state: QuantState, inputs: jax.Array, dtype: Any) -> jax.Array:
+  """Rows ``inputs`` of a quantized ``(num, features)`` table, dequantized to ``dtype``:
+  ``inputs.shape + (features,)``. Only the gathered rows are decoded."""
+  _check_ids(inputs)
+  num, features = state.shape
+  ids = inputs.reshape(-1)
+  if state.quant_type in FOUR_BIT_TYPES:
+    absmax = F.dequantize_absmax(state)  # (num, features // blocksize) float32
+    rows = QuantState(
+        data=jnp.take(state.data, ids, axis=0), absmax=jnp.take(absmax, ids, axis=0),
+        code=state.code, nested_absmax=None, nested_code=None, offset=None,
+        shape=(ids.shape[0], features), dtype=state.dtype, blocksize=state.blocksize,
+        quant_type=state.quant_type)
+    out = F.dequantize_4bit(rows, dtype)
+  else:
+    out = F.int8_vectorwise_dequant(jnp.take(state.data, ids, axis=0),
+                                    jnp.take(state.absmax, ids, axis=0)).astype(dtype)
+  return out.reshape(*inputs.shape, features)
+
+
+def embed_attend(state: QuantState, query: jax.Array, dtype: Any, *,
+                 threshold: float = 0.0) -> jax.Array:
+  """``query @ table.T`` (a tied output head): ``(..., features)`` → ``(..., num)`` in
+  ``dtype``, through the same quantized matmuls as the linear layers."""
+  if state.quant_type in FOUR_BIT_TYPES:
+    return F.matmul_4bit(query.astype(dtype), state)
+  return F.int8_linear(query.astype(dtype), state, None, threshold)

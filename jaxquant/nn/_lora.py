@@ -1,0 +1,246 @@
+"""LoRA adapters for NNX models: wrap (quantized or float) layers, merge them back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxquant.nn._config import ALL_LINEAR, LoraConfig
+from jaxquant.nn._embed import Embedding4bit, Embedding8bit
+from jaxquant.nn._graph import iter_modules, replace_modules
+from jaxquant.nn._linear import Linear4bit, Linear8bitLt
+
+__all__ = ["LoraLinear", "LoraEmbed", "add_lora", "merge_lora", "lora_modules", "LINEAR_TYPES",
+           "EMBED_TYPES"]
+
+LINEAR_TYPES = (nnx.Linear, Linear4bit, Linear8bitLt)
+EMBED_TYPES = (nnx.Embed, Embedding4bit, Embedding8bit)
+
+# PEFT's A init: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+lora_a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+lora_embed_a_init = nnx.initializers.normal(1.0)
+
+
+def _as_rngs(rngs: Any) -> nnx.Rngs:
+  if isinstance(rngs, nnx.Rngs):
+    return rngs
+  return nnx.Rngs(params=rngs, dropout=rngs) if rngs is not None else nnx.Rngs(0)
+
+
+class LoraLinear(nnx.Module):
+  """A linear layer plus a low-rank trainable update:
+  ``base(x) + dropout(x) @ lora_a @ lora_b * (alpha / r)``.
+
+  ``base`` is any of ``nnx.Linear``, :class:`Linear4bit`, :class:`Linear8bitLt` (kept as is,
+  frozen when quantized); ``lora_a`` ``(in, r)`` and ``lora_b`` ``(r, out)`` are
+  ``nnx.LoRAParam`` and ``lora_b`` starts at zero, so wrapping does not change the output.
+  The adapter's dropout follows ``model.train()`` / ``model.eval()``.
+
+  Call: as ``base`` (extra arguments such as ``out_sharding`` go to it); the update is
+  computed in ``dtype`` (default ``param_dtype``) and added in the base's output dtype.
+  """
+
+  def __init__(self, base: Any, *, r: int, alpha: float, dropout: float = 0.0,
+               param_dtype: Any = jnp.float32, dtype: Any = None, rngs: Any = None):
+    if not isinstance(base, LINEAR_TYPES):
+      raise TypeError(f"base must be one of {tuple(t.__name__ for t in LINEAR_TYPES)}, got "
+                      f"{type(base).__name__}")
+    rngs = _as_rngs(rngs)
+    self.base = base
+    self.in_features = int(base.in_features)
+    self.out_features = int(base.out_features)
+    self.r = int(r)
+    self.alpha = float(alpha)
+    self.scaling = self.alpha / self.r
+    self.dtype = None if dtype is None else jnp.dtype(dtype)
+    self.lora_a = nnx.LoRAParam(lora_a_init(rngs.params(), (self.in_features, self.r),
+                                            param_dtype))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((self.r, self.out_features), param_dtype))
+    self.lora_dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else nnx.data(None)
+
+  def delta_kernel(self) -> jax.Array:
+    """The adapter's update of the Flax kernel, ``(in, out)`` float32."""
+    a = self.lora_a[...].astype(jnp.float32)
+    b = self.lora_b[...].astype(jnp.float32)
+    return (a @ b) * jnp.float32(self.scaling)
+
+  def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    y = self.base(x, *args, **kwargs)
+    with jax.named_scope("jaxquant.lora"):
+      a = self.lora_a[...]
+      cdt = self.dtype if self.dtype is not None else a.dtype
+      h = x if self.lora_dropout is None else self.lora_dropout(x)
+      d = (h.astype(cdt) @ a.astype(cdt)) @ self.lora_b[...].astype(cdt)
+      return y + (d * jnp.asarray(self.scaling, cdt)).astype(y.dtype)
+
+
+class LoraEmbed(nnx.Module):
+  """An embedding plus a low-rank trainable update of its table:
+  ``table + lora_a @ lora_b * (alpha / r)`` with ``lora_a`` ``(num, r)`` (normal init) and
+  ``lora_b`` ``(r, features)`` zero. Applies to lookups and to ``attend`` (tied heads)."""
+
+  def __init__(self, base: Any, *, r: int, alpha: float, param_dtype: Any = jnp.float32,
+               dtype: Any = None, rngs: Any = None):
+    if not isinstance(base, EMBED_TYPES):
+      raise TypeError(f"base must be one of {tuple(t.__name__ for t in EMBED_TYPES)}, got "
+                      f"{type(base).__name__}")
+    rngs = _as_rngs(rngs)
+    self.base = base
+    self.num_embeddings = int(base.num_embeddings)
+    self.features = int(base.features)
+    self.r = int(r)
+    self.alpha = float(alpha)
+    self.scaling = self.alpha / self.r
+    self.dtype = None if dtype is None else jnp.dtype(dtype)
+    self.lora_a = nnx.LoRAParam(lora_embed_a_init(rngs.params(),
+                                                  (self.num_embeddings, self.r), param_dtype))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((self.r, self.features), param_dtype))
+
+  def delta_table(self) -> jax.Array:
+    """The adapter's update of the table, ``(num, features)`` float32."""
+    a = self.lora_a[...].astype(jnp.float32)
+    b = self.lora_b[...].astype(jnp.float32)
+    return (a @ b) * jnp.float32(self.scaling)
+
+  def _cdt(self) -> Any:
+    return self.dtype if self.dtype is not None else self.lora_a.dtype
+
+  def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    y = self.base(inputs, *args, **kwargs)
+    cdt = self._cdt()
+    rows = jnp.take(self.lora_a[...], inputs, axis=0).astype(cdt)
+    d = rows @ self.lora_b[...].astype(cdt)
+    return y + (d * jnp.asarray(self.scaling, cdt)).astype(y.dtype)
+
+  def attend(self, query: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    y = self.base.attend(query, *args, **kwargs)
+    cdt = self._cdt()
+    d = (query.astype(cdt) @ self.lora_b[...].astype(cdt).T) @ self.lora_a[...].astype(cdt).T
+    return y + (d * jnp.asarray(self.scaling, cdt)).astype(y.dtype)
+
+
+def add_lora(model: Any, config: LoraConfig, *, rngs: Any = None) -> Any:
+  """Wrap the layers ``config.target_modules`` selects with LoRA adapters, in place.
+
+  NNX: ``nnx.Linear`` / :class:`Linear4bit` / :class:`Linear8bitLt` become
+  :class:`LoraLinear`, embeddings named in ``target_modules`` become :class:`LoraEmbed`.
+  Train the adapters alone with ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``.
+  Linen variables (a dict with ``"params"``) are handled by
+  :func:`jaxquant.nn.add_lora` too: see :mod:`jaxquant.nn._linen_lora`.
+
+  Args:
+    model: an ``nnx.Module`` (changed in place) or Linen variables.
+    config: :class:`LoraConfig`.
+    rngs: ``nnx.Rngs``, a seed or a key for ``lora_a`` and the dropout (default seed 0).
+
+  Returns:
+    The model (the same object, unless it is itself a single targeted layer).
+
+  Raises:
+    ValueError: a ``target_modules`` entry matches no layer that can take an adapter (the
+      message lists the ones that can), or the model already has adapters.
+  """
+  if not isinstance(config, LoraConfig):
+    raise TypeError(f"config must be a jaxquant.nn.LoraConfig, got {type(config).__name__}")
+  if not isinstance(model, nnx.Module):
+    from jaxquant.nn import _linen_lora
+    return _linen_lora.add_lora(model, config, rng=rngs)
+  rngs = _as_rngs(rngs)
+  candidates = []
+  for name, module in iter_modules(model):
+    if isinstance(module, (LoraLinear, LoraEmbed)):
+      raise ValueError(f"the model already has LoRA adapters (at '{name}'); call "
+                       "jaxquant.nn.merge_lora first or load adapters with load_lora")
+    if isinstance(module, LINEAR_TYPES + EMBED_TYPES):
+      candidates.append((name, isinstance(module, LINEAR_TYPES)))
+  _check_targets(config, candidates)
+  selected = {name for name, linear in candidates if config.targets(name, linear=linear)}
+
+  def wrap(name: str, module: Any) -> Any:
+    if name not in selected:
+      return module
+    common = dict(r=config.r, alpha=config.alpha, param_dtype=config.param_dtype,
+                  dtype=config.dtype, rngs=rngs)
+    if isinstance(module, LINEAR_TYPES):
+      return LoraLinear(module, dropout=config.dropout, **common)
+    return LoraEmbed(module, **common)
+
+  return replace_modules(model, wrap)
+
+
+def _check_targets(config: LoraConfig, candidates: list[tuple[str, bool]]) -> None:
+  from jaxquant.nn._config import matches
+  names = [n for n, _ in candidates]
+  if config.target_modules == ALL_LINEAR:
+    if not any(linear for _, linear in candidates):
+      raise ValueError("target_modules='all-linear' matched no layer: the model has no "
+                       "Linear/Dense layer (quantized or not)")
+    return
+  for pattern in config.target_modules:
+    if not any(matches(n, pattern) for n in names):
+      shown = ", ".join(repr(n) for n in names[:20]) + (" ..." if len(names) > 20 else "")
+      raise ValueError(f"target_modules entry {pattern!r} matches no layer that can take LoRA "
+                       f"adapters; accepted: names or patterns of these layers: [{shown}] "
+                       f"(or {ALL_LINEAR!r})")
+
+
+def merge_lora(model: Any, *, dequantize: bool = False) -> Any:
+  """Fold every adapter into its base layer and remove the wrappers, in place.
+
+  A float base gets ``kernel + lora_a @ lora_b * scaling``. A quantized base is
+  dequantized, updated and quantized again with its own settings (a new, small rounding
+  error), or, with ``dequantize=True``, left as a float ``nnx.Linear`` / ``nnx.Embed``.
+
+  Linen variables are handled too (:func:`jaxquant.nn._linen_lora.merge_lora`).
+
+  Returns:
+    The model (the same object unless it is itself a single LoRA layer).
+  """
+  if not isinstance(model, nnx.Module):
+    from jaxquant.nn import _linen_lora
+    return _linen_lora.merge_lora(model, dequantize=dequantize)
+
+  def merge(name: str, module: Any) -> Any:
+    del name
+    if isinstance(module, LoraLinear):
+      return _merge_linear(module, dequantize)
+    if isinstance(module, LoraEmbed):
+      return _merge_embed(module, dequantize)
+    return module
+
+  return replace_modules(model, merge)
+
+
+def _merge_linear(lora: LoraLinear, dequantize: bool) -> Any:
+  base = lora.base
+  delta = lora.delta_kernel()
+  if isinstance(base, nnx.Linear):
+    kernel = base.kernel[...]
+    base.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+    return base
+  linear = base.dequantize()
+  kernel = linear.kernel[...]
+  linear.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+  if dequantize:
+    return linear
+  return type(base).from_linear(linear, **base.quant_kwargs())
+
+
+def _merge_embed(lora: LoraEmbed, dequantize: bool) -> Any:
+  base = lora.base
+  delta = lora.delta_table()
+  embed = base if isinstance(base, nnx.Embed) else base.dequantize()
+  table = embed.embedding[...]
+  embed.embedding.set_value((table.astype(jnp.float32) + delta).astype(table.dtype))
+  if isinstance(base, nnx.Embed) or dequantize:
+    return embed
+  return type(base).from_embed(embed, **base.quant_kwargs())
+
+
+def lora_modules(model: nnx.Module) -> list[tuple[str, Any]]:
+  """``(path, wrapper)`` of every LoRA layer of an NNX model."""
+  return [(n, m) for n, m in iter_modules(model) if isinstance(m, (LoraLinear, LoraEmbed))]
+
