@@ -27,6 +27,15 @@ from jaxquant.nn._embed import Embedding4bit as Embedding4bit
 from jaxquant.nn._embed import Embedding8bit as Embedding8bit
 from jaxquant.nn._embed import StableEmbedding as StableEmbedding
 from jaxquant.nn._linear import Linear4bit as Linear4bit
+from jaxquant.nn._linen_apply import intercept as intercept
+from jaxquant.nn._linen_apply import quantized_apply as quantized_apply
+from jaxquant.nn._linen_convert import LinenQuantWeight as LinenQuantWeight
+from jaxquant.nn._linen_layers import Dense4bit as Dense4bit
+from jaxquant.nn._linen_layers import Dense8bitLt as Dense8bitLt
+from jaxquant.nn._linen_layers import Embed4bit as Embed4bit
+from jaxquant.nn._linen_layers import Embed8bit as Embed8bit
+from jaxquant.nn._linen_layers import StableEmbed as StableEmbed
+from jaxquant.nn._linen_lora import LoraWeights as LoraWeights
 from jaxquant.nn._linear import Linear8bitLt as Linear8bitLt
 from jaxquant.nn._lora import LoraEmbed as LoraEmbed
 from jaxquant.nn._lora import LoraLinear as LoraLinear
@@ -40,6 +49,15 @@ from jaxquant.nn._variables import quantized_filter as quantized_filter
 
 __all__ = [
     "ALL_LINEAR",
+    "Dense4bit",
+    "Dense8bitLt",
+    "Embed4bit",
+    "Embed8bit",
+    "LinenQuantWeight",
+    "LoraWeights",
+    "StableEmbed",
+    "intercept",
+    "quantized_apply",
     "Embedding4bit",
     "Embedding8bit",
     "LayerReport",

@@ -20,8 +20,8 @@ LINEAR_TYPES = (nnx.Linear, Linear4bit, Linear8bitLt)
 EMBED_TYPES = (nnx.Embed, Embedding4bit, Embedding8bit)
 
 # PEFT's A init: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-lora_a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-lora_embed_a_init = nnx.initializers.normal(1.0)
+LORA_A_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+LORA_EMBED_A_INIT = nnx.initializers.normal(1.0)
 
 
 def _as_rngs(rngs: Any) -> nnx.Rngs:
@@ -56,7 +56,7 @@ class LoraLinear(nnx.Module):
     self.alpha = float(alpha)
     self.scaling = self.alpha / self.r
     self.dtype = None if dtype is None else jnp.dtype(dtype)
-    self.lora_a = nnx.LoRAParam(lora_a_init(rngs.params(), (self.in_features, self.r),
+    self.lora_a = nnx.LoRAParam(LORA_A_INIT(rngs.params(), (self.in_features, self.r),
                                             param_dtype))
     self.lora_b = nnx.LoRAParam(jnp.zeros((self.r, self.out_features), param_dtype))
     self.lora_dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else nnx.data(None)
@@ -95,7 +95,7 @@ class LoraEmbed(nnx.Module):
     self.alpha = float(alpha)
     self.scaling = self.alpha / self.r
     self.dtype = None if dtype is None else jnp.dtype(dtype)
-    self.lora_a = nnx.LoRAParam(lora_embed_a_init(rngs.params(),
+    self.lora_a = nnx.LoRAParam(LORA_EMBED_A_INIT(rngs.params(),
                                                   (self.num_embeddings, self.r), param_dtype))
     self.lora_b = nnx.LoRAParam(jnp.zeros((self.r, self.features), param_dtype))
 
@@ -156,7 +156,7 @@ def add_lora(model: Any, config: LoraConfig, *, rngs: Any = None) -> Any:
                        "jaxquant.nn.merge_lora first or load adapters with load_lora")
     if isinstance(module, LINEAR_TYPES + EMBED_TYPES):
       candidates.append((name, isinstance(module, LINEAR_TYPES)))
-  _check_targets(config, candidates)
+  check_targets(config, candidates)
   selected = {name for name, linear in candidates if config.targets(name, linear=linear)}
 
   def wrap(name: str, module: Any) -> Any:
@@ -171,7 +171,7 @@ def add_lora(model: Any, config: LoraConfig, *, rngs: Any = None) -> Any:
   return replace_modules(model, wrap)
 
 
-def _check_targets(config: LoraConfig, candidates: list[tuple[str, bool]]) -> None:
+def check_targets(config: LoraConfig, candidates: list[tuple[str, bool]]) -> None:
   from jaxquant.nn._config import matches
   names = [n for n, _ in candidates]
   if config.target_modules == ALL_LINEAR:

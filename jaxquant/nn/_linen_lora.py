@@ -1,0 +1,152 @@
+"""LoRA for Linen variables: adapters in a ``"lora"`` collection, applied by the interceptor
+of :func:`jaxquant.nn.quantized_apply` to the unchanged module."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant import functional as F
+from jaxquant.nn import _common
+from jaxquant.nn._config import LoraConfig, path_to_name
+from jaxquant.nn._linen_convert import (PARAMS, LinenQuantWeight, _split_variables,
+                                        get_path, iter_layers, iter_quantized, pop_path,
+                                        set_path, to_dict)
+from jaxquant.nn._linen_layers import QUANT_COLLECTION
+from jaxquant.quant_state import FOUR_BIT_TYPES, QuantState
+
+__all__ = ["LoraWeights", "LORA_COLLECTION", "ADAPTER", "add_lora", "merge_lora"]
+
+#: The Linen collection holding the adapters; ``variables["lora"]`` is what to train.
+LORA_COLLECTION = "lora"
+#: Variable name of a layer's adapter inside its scope of the ``"lora"`` collection.
+ADAPTER = "adapter"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraWeights:
+  """One Linen layer's adapter: ``lora_a`` ``(in, r)`` (``(num_embeddings, r)`` for an
+  Embed) and ``lora_b`` ``(r, out)`` are the trainable leaves; ``scaling`` (``alpha / r``),
+  ``dropout`` and ``dtype`` (compute dtype, ``None``: ``lora_a.dtype``) are static."""
+
+  lora_a: jax.Array
+  lora_b: jax.Array
+  scaling: float = 1.0
+  dropout: float = 0.0
+  dtype: Any = None
+
+  def delta(self) -> jax.Array:
+    """``lora_a @ lora_b * scaling`` in float32: the update of a Flax kernel ``(in, out)``
+    or of an embedding table ``(num, features)``."""
+    a = self.lora_a.astype(jnp.float32)
+    return (a @ self.lora_b.astype(jnp.float32)) * jnp.float32(self.scaling)
+
+
+jax.tree_util.register_dataclass(LoraWeights, data_fields=["lora_a", "lora_b"],
+                                 meta_fields=["scaling", "dropout", "dtype"])
+
+
+def _candidates(variables: dict[str, Any]) -> list[tuple[tuple[str, ...], bool, int, int]]:
+  """``(module path, is_linear, rows of A, columns of B)`` of every layer that can take an
+  adapter: float Dense/Embed params and quantized kernels/tables."""
+  out = []
+  for path, kind, node in iter_layers(variables.get(PARAMS, {})):
+    if kind == "dense":
+      out.append((path, True, *node["kernel"].shape))
+    elif kind == "embed":
+      out.append((path, False, *node["embedding"].shape))
+  for path, leaf, w in iter_quantized(variables.get(QUANT_COLLECTION, {})):
+    state = w.state if isinstance(w, LinenQuantWeight) else w
+    if leaf == "kernel":
+      out.append((path, True, state.shape[1], state.shape[0]))
+    else:
+      out.append((path, False, *state.shape))
+  return sorted(out)
+
+
+def add_lora(variables: Mapping[str, Any], config: LoraConfig, rng: Any = None) -> dict[str, Any]:
+  """Linen branch of :func:`jaxquant.nn.add_lora`: a ``"lora"`` collection of
+  :class:`LoraWeights` for the targeted layers. ``rng``: a key or an int seed (default 0)."""
+  from jaxquant.nn._lora import LORA_A_INIT, LORA_EMBED_A_INIT, check_targets
+
+  variables = _split_variables(variables)
+  if variables.get(LORA_COLLECTION):
+    raise ValueError("the variables already hold LoRA adapters (collection 'lora'); call "
+                     "jaxquant.nn.merge_lora first")
+  candidates = _candidates(variables)
+  check_targets(config, [(path_to_name(p), linear) for p, linear, _, _ in candidates])
+  key = jax.random.key(rng or 0) if rng is None or isinstance(rng, int) else rng
+  lora: dict[str, Any] = {}
+  selected = [c for c in candidates if config.targets(path_to_name(c[0]), linear=c[1])]
+  for i, (path, linear, rows, cols) in enumerate(selected):
+    init = LORA_A_INIT if linear else LORA_EMBED_A_INIT
+    a = init(jax.random.fold_in(key, i), (rows, config.r), config.param_dtype)
+    b = jnp.zeros((config.r, cols), config.param_dtype)
+    set_path(lora, (*path, ADAPTER), LoraWeights(
+        a, b, config.scaling, config.dropout if linear else 0.0, config.dtype))
+  variables[LORA_COLLECTION] = lora
+  return variables
+
+
+def requantize(state: QuantState, dense: jax.Array) -> QuantState:
+  """Quantize ``dense`` (a tensor of ``state.shape``, any float dtype) with ``state``'s
+  settings, from ``state.dtype``."""
+  dense = dense.astype(state.dtype)
+  if state.quant_type in FOUR_BIT_TYPES:
+    return F.quantize_4bit(dense, state.blocksize, state.nested, state.quant_type)
+  return F.quantize_int8(dense)
+
+
+def merge_lora(variables: Mapping[str, Any], *, dequantize: bool = False) -> dict[str, Any]:
+  """Linen branch of :func:`jaxquant.nn.merge_lora`: fold every adapter into its layer's
+  weight and drop the ``"lora"`` collection."""
+  variables = _split_variables(variables)
+  lora = variables.pop(LORA_COLLECTION, None)
+  if not lora:
+    raise ValueError("the variables hold no LoRA adapters (no 'lora' collection)")
+  quantized = to_dict(variables.get(QUANT_COLLECTION, {}))
+  params = variables[PARAMS]
+  for path, _, adapter in _iter_adapters(lora):
+    delta = adapter.delta()
+    name = path_to_name(path)
+    leaf = next((n for n in ("kernel", "embedding") for tree in (params, quantized)
+                 if get_path(tree, (*path, n)) is not None), "kernel")
+    dense = get_path(params, (*path, leaf))
+    if dense is not None:
+      set_path(params, (*path, leaf), (dense.astype(jnp.float32) + delta).astype(dense.dtype))
+      continue
+    w = get_path(quantized, (*path, leaf))
+    if w is None:
+      raise ValueError(f"adapter '{name}' has no weight to merge into (no '{leaf}' in params or "
+                       "'quantized')")
+    state = w.state if isinstance(w, LinenQuantWeight) else w
+    table = _common.dequantize_table(state, jnp.float32)
+    merged = table + (delta.T if leaf == "kernel" else delta)
+    if dequantize:
+      if not isinstance(w, LinenQuantWeight):
+        raise ValueError(f"layer '{name}' is a jaxquant Dense4bit/Embed4bit-style module whose "
+                         "weight must stay quantized; merge with dequantize=False")
+      pop_path(quantized, (*path, leaf))
+      merged = merged.astype(state.dtype)
+      set_path(params, (*path, leaf), merged.T if leaf == "kernel" else merged)
+      continue
+    new_state = requantize(state, merged)
+    set_path(quantized, (*path, leaf),
+             dataclasses.replace(w, state=new_state) if isinstance(w, LinenQuantWeight)
+             else new_state)
+  if quantized:
+    variables[QUANT_COLLECTION] = quantized
+  else:
+    variables.pop(QUANT_COLLECTION, None)
+  return variables
+
+
+def _iter_adapters(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
+  for k, v in tree.items():
+    if isinstance(v, LoraWeights):
+      yield prefix, k, v
+    elif isinstance(v, Mapping):
+      yield from _iter_adapters(v, (*prefix, str(k)))
