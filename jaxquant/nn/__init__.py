@@ -42,6 +42,9 @@ from jaxquant.nn._lora import LoraLinear as LoraLinear
 from jaxquant.nn._lora import add_lora as add_lora
 from jaxquant.nn._lora import lora_modules as lora_modules
 from jaxquant.nn._lora import merge_lora as merge_lora
+from jaxquant.nn._lora_io import load_lora as load_lora
+from jaxquant.nn._lora_io import lora_tree as lora_tree
+from jaxquant.nn._lora_io import save_lora as save_lora
 from jaxquant.nn._variables import QuantizedWeight as QuantizedWeight
 from jaxquant.nn._variables import lora_filter as lora_filter
 from jaxquant.nn._variables import lora_mask as lora_mask
@@ -75,9 +78,12 @@ __all__ = [
     "dequantize_model",
     "lora_filter",
     "lora_mask",
+    "load_lora",
     "lora_modules",
+    "lora_tree",
     "memory_footprint",
     "merge_lora",
     "quantize_model",
     "quantized_filter",
+    "save_lora",
 ]
