@@ -1,0 +1,159 @@
+"""Shared pieces of the 4-bit matmul kernels: operand layout and in-kernel decoding.
+
+The packed weight ``(N, K/2)`` uint8 is viewed as ``(N, K/g, g/2)`` with ``g = min(block_k,
+blocksize)``, so one kernel step loads a ``(rows, nb, g/2)`` tile (``nb = block_k / g``) whose
+middle index selects an absmax block: the scale broadcasts along the last axis and no
+in-kernel reshape is needed to apply it. Each byte holds two consecutive elements, the first
+in the high nibble; a tile decodes to ``hi`` (even ``k``) and ``lo`` (odd ``k``) halves.
+
+Double-quantized absmax is decoded per tile in registers:
+``absmax = nested_code[q] * nested_absmax[block // nested_blocksize] + offset`` (float32), the
+block index being the row-major position of the absmax, as bitsandbytes stores it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+__all__ = ["Layout", "WeightRefs", "operands", "load_codes", "load_absmax", "decode_tile",
+           "masked_load", "dot_precision", "launch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Static description of a packed ``(n, k)`` weight as one kernel sees it.
+
+  Attributes:
+    n: output features (rows of the weight).
+    k: input features; a multiple of ``blocksize`` and of ``block_k``.
+    blocksize: elements per absmax.
+    nested_blocksize: absmax codes per nested scale, or ``None`` without double quant.
+    block_k: columns per kernel step.
+  """
+  n: int
+  k: int
+  blocksize: int
+  nested_blocksize: int | None
+  block_k: int
+
+  @property
+  def group(self) -> int:
+    """Columns per tile sub-block sharing one absmax."""
+    return min(self.block_k, self.blocksize)
+
+  @property
+  def sub_blocks(self) -> int:
+    """Sub-blocks per step (``nb``)."""
+    return self.block_k // self.group
+
+  @property
+  def blocks_per_row(self) -> int:
+    return self.k // self.blocksize
+
+
+class WeightRefs(NamedTuple):
+  """Refs of the weight operands; the nested ones are ``None`` without double quant."""
+  packed: Any
+  absmax: Any
+  code: Any
+  nested_code: Any = None
+  nested_absmax: Any = None
+  offset: Any = None
+
+
+def operands(packed: jax.Array, absmax: jax.Array, code: jax.Array, nested: Any,
+             layout: Layout) -> tuple[jax.Array, ...]:
+  """The weight arrays in kernel layout: packed ``(n, k/g, g/2)`` uint8, absmax
+  ``(n, k/blocksize)``, code ``(16,)`` f32, then nested code ``(256,)``, nested absmax and
+  offset ``(1,)`` (f32) when double quantized."""
+  g = layout.group
+  arrays = (packed.reshape(layout.n, layout.k // g, g // 2),
+            absmax.reshape(layout.n, layout.blocks_per_row),
+            code.reshape(16).astype(jnp.float32))
+  if nested is not None:
+    arrays += (nested.nested_code.reshape(-1).astype(jnp.float32),
+               nested.nested_absmax.reshape(-1).astype(jnp.float32),
+               jnp.reshape(nested.offset, (1,)).astype(jnp.float32))
+  return arrays
+
+
+def masked_load(ref, mask, other=0):
+  """``ref[...]`` where ``mask`` holds (``other`` elsewhere); a plain load when ``mask`` is
+  ``None`` (the tile is known to be in bounds)."""
+  if mask is None:
+    return ref[...]
+  return pltriton.load(ref, mask=mask, other=jnp.asarray(other, ref.dtype))
+
+
+def load_codes(refs: WeightRefs, layout: Layout, r0, rows: int, step, row_mask):
+  """Float32 code values ``(hi, lo)``, each ``(rows, nb, g/2)``, of weight rows
+  ``r0 .. r0 + rows`` and columns ``step * block_k ..`` (masked rows read code 0)."""
+  nb = layout.sub_blocks
+  tile = refs.packed.at[pl.ds(r0, rows), pl.ds(step * nb, nb), :]
+  p = masked_load(tile, None if row_mask is None else row_mask[:, None, None])
+  hi = (p >> 4).astype(jnp.int32)
+  lo = (p & 0xF).astype(jnp.int32)
+  return refs.code[hi], refs.code[lo]
+
+
+def load_absmax(refs: WeightRefs, layout: Layout, r0, rows: int, step, row_mask):
+  """Float32 absmax ``(rows, nb)`` of the same tile (masked rows get 0)."""
+  nb = layout.sub_blocks
+  col0 = (step * layout.block_k) // layout.blocksize
+  tile = refs.absmax.at[pl.ds(r0, rows), pl.ds(col0, nb)]
+  mask = None if row_mask is None else row_mask[:, None]
+  if refs.nested_code is None:
+    return masked_load(tile, mask).astype(jnp.float32)
+  q = masked_load(tile, mask).astype(jnp.int32)
+  row = r0 + jax.lax.broadcasted_iota(jnp.int32, (rows, nb), 0)
+  col = col0 + jax.lax.broadcasted_iota(jnp.int32, (rows, nb), 1)
+  last = layout.n * layout.blocks_per_row - 1
+  block = jnp.minimum(row * layout.blocks_per_row + col, last)
+  scale = refs.nested_absmax[block // layout.nested_blocksize]
+  return refs.nested_code[q] * scale + refs.offset[0]
+
+
+def decode_tile(refs: WeightRefs, layout: Layout, r0, rows: int, step, row_mask, dtype):
+  """The dequantized tile ``(rows, block_k)`` in ``dtype``, columns in natural order."""
+  hi, lo = load_codes(refs, layout, r0, rows, step, row_mask)
+  scale = load_absmax(refs, layout, r0, rows, step, row_mask)[:, :, None]
+  w_hi = (hi * scale).astype(dtype)
+  w_lo = (lo * scale).astype(dtype)
+  return jnp.stack([w_hi, w_lo], axis=-1).reshape(rows, layout.block_k)
+
+
+def dot_precision(dtype):
+  """Full float32 products for float32 operands (Triton would use tf32 otherwise)."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return jax.lax.Precision.HIGHEST
+  return None
+
+
+def launch(kernel, out: jax.ShapeDtypeStruct, grid: tuple[int, ...], args: tuple[Any, ...], *,
+           name: str, num_warps: int, num_stages: int, interpret: bool, poison: bool):
+  """Run ``kernel`` over ``grid`` as a Triton ``pallas_call`` named ``name``.
+
+  With ``poison`` the output buffer is first filled with NaN (-1 for integers) and aliased
+  to the kernel's output, so an element the kernel does not write stays poisoned (tests);
+  the kernel then receives that buffer as one more input ref, before its output ref.
+  """
+  aliases = {}
+  if poison:
+    fill = jnp.nan if jnp.issubdtype(out.dtype, jnp.floating) else -1
+    args = (*args, jnp.full(out.shape, fill, out.dtype))
+    aliases = {len(args) - 1: 0}
+  return pl.pallas_call(
+      kernel,
+      out_shape=out,
+      grid=grid,
+      input_output_aliases=aliases,
+      interpret=interpret,
+      name=name,
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+  )(*args)

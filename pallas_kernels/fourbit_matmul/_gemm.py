@@ -1,0 +1,111 @@
+"""Tiled forward kernel: ``y = x @ dequant(W).T`` on the tensor cores.
+
+Each program computes a ``(block_m, block_n)`` output tile. Per reduction step it loads a
+``(block_m, block_k)`` tile of ``x`` and the ``(block_n, block_k / 2)`` packed bytes of the
+weight, decodes the bytes in registers (code lookup, absmax decoded from its double
+quantization, cast to ``x.dtype`` exactly as the reference rounds) and feeds both to one
+``dot`` with float32 accumulation. With ``w_lhs`` the decoded tile is the left operand, so it
+can stay in registers (Hopper's wgmma takes A from registers) and the output tile is
+transposed on store. Programs are ordered in groups of ``group_m`` along M so that those
+decoding the same weight tiles run together and share them through L2.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.fourbit_matmul import _decode
+from pallas_kernels.fourbit_matmul._tuning import Config
+
+__all__ = ["gemm", "grouped_ids", "KERNEL_NAME"]
+
+KERNEL_NAME = "jaxquant_matmul_4bit_gemm"
+
+
+def grouped_ids(pid, tiles_a: int, tiles_b: int, group: int):
+  """Program ``pid`` → ``(i, j)`` over a ``tiles_a × tiles_b`` grid, ``i`` running fastest
+  inside groups of ``group`` consecutive ``i`` (Triton's L2-friendly ordering)."""
+  per_group = group * tiles_b
+  first = (pid // per_group) * group
+  size = jnp.minimum(tiles_a - first, group)
+  return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+def _kernel(*refs, layout: _decode.Layout, m: int, cfg: Config, nested: bool,
+            has_bias: bool):
+  x_ref, *rest = refs
+  n_weight = 6 if nested else 3
+  w = _decode.WeightRefs(*rest[:n_weight])
+  bias_ref = rest[n_weight] if has_bias else None
+  o_ref = rest[-1]
+  bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+  pid_m, pid_n = grouped_ids(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(layout.n, bn),
+                             cfg.group_m)
+  m0, n0 = pid_m * bm, pid_n * bn
+  m_rows = m0 + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)
+  n_rows = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
+  m_mask = m_rows < m if m % bm else None
+  n_mask = n_rows < layout.n if layout.n % bn else None
+  dtype = x_ref.dtype
+  precision = _decode.dot_precision(dtype)
+
+  def body(step, acc):
+    x_tile = x_ref.at[pl.ds(m0, bm), pl.ds(step * bk, bk)]
+    xt = _decode.masked_load(x_tile, None if m_mask is None else m_mask[:, None])
+    wt = _decode.decode_tile(w, layout, n0, bn, step, n_mask, dtype)
+    if cfg.w_lhs:
+      return acc + jax.lax.dot_general(wt, xt, (((1,), (1,)), ((), ())), precision=precision,
+                                        preferred_element_type=jnp.float32)
+    return acc + jax.lax.dot_general(xt, wt, (((1,), (1,)), ((), ())), precision=precision,
+                                      preferred_element_type=jnp.float32)
+
+  shape = (bn, bm) if cfg.w_lhs else (bm, bn)
+  acc = jax.lax.fori_loop(0, layout.k // bk, body, jnp.zeros(shape, jnp.float32))
+  if cfg.w_lhs:
+    acc = acc.T
+  if has_bias:
+    acc = acc + _decode.masked_load(bias_ref.at[pl.ds(n0, bn)], n_mask).astype(
+        jnp.float32)[None, :]
+  dest = o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)]
+  if m_mask is None and n_mask is None:
+    dest[...] = acc.astype(o_ref.dtype)
+  else:
+    mask = jnp.ones((bm, bn), jnp.bool_)
+    if m_mask is not None:
+      mask = mask & m_mask[:, None]
+    if n_mask is not None:
+      mask = mask & n_mask[None, :]
+    pltriton.store(dest, acc.astype(o_ref.dtype), mask=mask)
+
+
+def gemm(x: jax.Array, weights: tuple[jax.Array, ...], bias: jax.Array | None, *,
+         layout: _decode.Layout, config: Config, interpret: bool = False,
+         poison: bool = False) -> jax.Array:
+  """``x (m, k) @ W.T (+ bias)`` in ``x.dtype`` on the tensor cores.
+
+  Args:
+    x: ``(m, k)`` float32/float16/bfloat16.
+    weights: :func:`_decode.operands` for ``layout``.
+    bias: ``(n,)`` or ``None``.
+    layout: the weight layout; ``layout.block_k == config.block_k``.
+    config: a ``"gemm"`` :class:`Config`.
+    interpret: run the kernel in the Pallas interpreter.
+    poison: fill the output with NaN first (tests: every element must be written).
+
+  Returns:
+    ``(m, n)`` in ``x.dtype``.
+  """
+  m = x.shape[0]
+  nested = len(weights) == 6
+  kernel = functools.partial(_kernel, layout=layout, m=m, cfg=config, nested=nested,
+                             has_bias=bias is not None)
+  grid = (pl.cdiv(m, config.block_m) * pl.cdiv(layout.n, config.block_n),)
+  args = (x, *weights) + ((bias,) if bias is not None else ())
+  return _decode.launch(kernel, jax.ShapeDtypeStruct((m, layout.n), x.dtype), grid, args,
+                        name=KERNEL_NAME, num_warps=config.num_warps,
+                        num_stages=config.num_stages, interpret=interpret, poison=poison)
