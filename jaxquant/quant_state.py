@@ -84,7 +84,9 @@ class QuantState:
     object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
     if self.quant_type not in QUANT_TYPES:
       raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
-    if (self.nested_absmax is None) != (self.nested_blocksize is None):
+    # JAX rebuilds pytrees with placeholder leaves (None, shardings, specs) when it maps over
+    # them (jit in_shardings, shard_map specs): only a state of arrays is checked.
+    if _is_array(self.data) and (self.nested_absmax is None) != (self.nested_blocksize is None):
       raise ValueError(
           "nested_absmax and nested_blocksize must be given together, got "
           f"nested_absmax={'None' if self.nested_absmax is None else 'array'} and "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 
 import jax
@@ -13,7 +14,13 @@ from jaxquant.functional._cotangent import zeros_cotangent
 from jaxquant.functional._fourbit import check_4bit_state, nested_of
 from jaxquant.quant_state import QuantState
 
-__all__ = ["matmul_4bit"]
+__all__ = ["matmul_4bit", "PARTITIONED"]
+
+#: Set by :mod:`jaxquant.sharding` while a mesh is in use: ``fn(x, state, bias, backend)``
+#: that runs the 4-bit matmul per shard (``shard_map``), since XLA cannot partition a Pallas
+#: custom call. ``None``: one program over the arrays as they are.
+PARTITIONED: contextvars.ContextVar = contextvars.ContextVar("jaxquant_partitioned_matmul_4bit",
+                                                             default=None)
 
 
 def matmul_4bit(x: ArrayLike, state: QuantState, bias: ArrayLike | None = None, *,
@@ -47,6 +54,9 @@ def matmul_4bit(x: ArrayLike, state: QuantState, bias: ArrayLike | None = None, 
     _validate.check_array("bias", bias)
     if tuple(bias.shape) != (state.shape[0],):
       raise ValueError(f"bias must have shape ({state.shape[0]},), got {tuple(bias.shape)}")
+  partitioned = PARTITIONED.get()
+  if partitioned is not None:
+    return partitioned(x, state, bias, backend)
   return _matmul_4bit(x, state, bias, backend)
 
 

@@ -1,0 +1,52 @@
+"""Sharded quantized fine-tuning on a ``jax.sharding.Mesh``.
+
+- :func:`make_mesh` builds a ``(data, fsdp)`` mesh; :class:`PartitionRules` says what is split.
+- :func:`plan` / :func:`partition_specs` / :func:`state_shardings` decide a PartitionSpec for
+  every array: each QuantState's packed data, absmax and nested absmax split together with
+  the rows of its weight, LoRA adapters following their base weight, optimizer state
+  following its parameters.
+- :func:`shard_model` / :func:`shard_state` place a model or any state tree;
+  :func:`per_device_bytes` says what each device holds.
+- :func:`use_mesh` / :func:`sharded_matmul_4bit` run the 4-bit matmul (Pallas kernel or jnp
+  reference) per shard through ``shard_map``.
+"""
+
+from jaxquant.sharding._infer import Plan as Plan
+from jaxquant.sharding._infer import named_shardings as named_shardings
+from jaxquant.sharding._infer import partition_specs as partition_specs
+from jaxquant.sharding._infer import plan as plan
+from jaxquant.sharding._matmul import gather_state as gather_state
+from jaxquant.sharding._matmul import sharded_matmul_4bit as sharded_matmul_4bit
+from jaxquant.sharding._matmul import use_mesh as use_mesh
+from jaxquant.sharding._mesh import DATA as DATA
+from jaxquant.sharding._mesh import FSDP as FSDP
+from jaxquant.sharding._mesh import batch_sharding as batch_sharding
+from jaxquant.sharding._mesh import make_mesh as make_mesh
+from jaxquant.sharding._place import model_shardings as model_shardings
+from jaxquant.sharding._place import per_device_bytes as per_device_bytes
+from jaxquant.sharding._place import shard_model as shard_model
+from jaxquant.sharding._place import shard_state as shard_state
+from jaxquant.sharding._place import state_shardings as state_shardings
+from jaxquant.sharding._rules import PartitionRules as PartitionRules
+from jaxquant.sharding._rules import quant_state_specs as quant_state_specs
+
+__all__ = [
+    "DATA",
+    "FSDP",
+    "PartitionRules",
+    "Plan",
+    "batch_sharding",
+    "gather_state",
+    "make_mesh",
+    "model_shardings",
+    "named_shardings",
+    "partition_specs",
+    "per_device_bytes",
+    "plan",
+    "quant_state_specs",
+    "shard_model",
+    "shard_state",
+    "sharded_matmul_4bit",
+    "state_shardings",
+    "use_mesh",
+]
