@@ -17,5 +17,6 @@ from pallas_kernels._registry import implementations as implementations
 from pallas_kernels.blockwise_quant import api as _blockwise_api  # noqa: F401  (registers)
 from pallas_kernels.fourbit_matmul import api as _fourbit_api  # noqa: F401  (registers)
 from pallas_kernels.int8_matmul import api as _int8_api  # noqa: F401  (registers)
+from pallas_kernels.optim_update import api as _optim_api  # noqa: F401  (registers)
 
 __all__ = ["get", "implementations"]
