@@ -1,10 +1,11 @@
 """Orbax checkpoints of quantized models, LoRA adapters and 8-bit optimizer state.
 
-QuantState metadata (quant type, blocksize, logical shape and dtype) travels in a JSON item
-beside Orbax's arrays and is checked on restore; arrays restore bit-exactly onto any sharding.
+QuantState metadata (quant type, blocksize, logical shape and dtype) and a CRC-32 of every
+array travel in a JSON item beside Orbax's arrays and are checked on restore; arrays restore
+bit-exactly onto any sharding.
 """
 
-from jaxquant.checkpoint._orbax import CheckpointManager as CheckpointManager
+from jaxquant.checkpoint._manager import CheckpointManager as CheckpointManager
 from jaxquant.checkpoint._orbax import PendingSave as PendingSave
 from jaxquant.checkpoint._orbax import abstract as abstract
 from jaxquant.checkpoint._orbax import metadata as metadata
