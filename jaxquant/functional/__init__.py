@@ -15,6 +15,8 @@ from jaxquant.functional._int8 import int8_linear as int8_linear
 from jaxquant.functional._int8 import int8_vectorwise_dequant as int8_vectorwise_dequant
 from jaxquant.functional._int8 import int8_vectorwise_quant as int8_vectorwise_quant
 from jaxquant.functional._int8 import quantize_int8 as quantize_int8
+from jaxquant.functional._int8_matmul import int8_matmul as int8_matmul
+from jaxquant.functional._int8_matmul import int8_weight_only_linear as int8_weight_only_linear
 from jaxquant.functional._matmul import matmul_4bit as matmul_4bit
 
 __all__ = [
@@ -29,5 +31,7 @@ __all__ = [
     "int8_vectorwise_dequant",
     "quantize_int8",
     "int8_linear",
+    "int8_matmul",
+    "int8_weight_only_linear",
     "matmul_4bit",
 ]

@@ -86,7 +86,7 @@ def check_int8_state(state: QuantState) -> None:
   state.check()
 
 
-def _check_linear_args(x, state: QuantState, bias) -> None:
+def check_linear_args(x, state: QuantState, bias) -> None:
   _validate.check_array("x", x)
   if x.shape[-1] != state.shape[1]:
     raise ValueError(f"x.shape[-1] must equal the weight's in_features {state.shape[1]} "
@@ -118,7 +118,7 @@ def int8_linear(x: ArrayLike, state: QuantState, bias: ArrayLike | None = None,
   """
   x = jnp.asarray(x) if not hasattr(x, "shape") else x
   check_int8_state(state)
-  _check_linear_args(x, state, bias)
+  check_linear_args(x, state, bias)
   return _int8_linear(x, state, bias, _check_threshold(threshold), backend)
 
 

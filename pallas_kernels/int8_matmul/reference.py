@@ -26,6 +26,8 @@ __all__ = [
     "int8_vectorwise_dequant",
     "int8_linear",
     "int8_linear_grad_input",
+    "int8_scaled_matmul",
+    "int8_weight_only_linear",
     "DEQUANT_SCALE",
     "MM_DEQUANT_SCALE",
 ]
@@ -111,3 +113,50 @@ def int8_linear_grad_input(g: jax.Array, w_q: jax.Array, w_stats: jax.Array) -> 
   w_deq = _dequantized_weight(w_q, w_stats, g.dtype)
   return jax.lax.dot_general(g, w_deq, (((g.ndim - 1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32).astype(g.dtype)
+
+
+def int8_scaled_matmul(a_q: jax.Array, a_stats: jax.Array, w_q: jax.Array, w_stats: jax.Array,
+                       bias: jax.Array | None = None, *, out_dtype=jnp.bfloat16) -> jax.Array:
+  """w8a8 matmul of already quantized rows (bitsandbytes' ``int8_scaled_mm``).
+
+  Args:
+    a_q: ``int8 (..., K)`` row-quantized activations; ``a_stats``: ``float32 (...)``.
+    w_q: ``int8 (N, K)``; ``w_stats``: ``float32 (N,)``.
+    bias: ``(N,)`` or None.
+    out_dtype: the output dtype.
+
+  Returns:
+    ``(..., N)``: ``(a_q @ w_q.T)`` in int32, times ``a_stats * w_stats / 127**2``, plus bias.
+  """
+  k = a_q.shape[-1]
+  acc = jax.lax.dot_general(a_q.reshape(-1, k), w_q, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.int32)
+  scale = a_stats.reshape(-1).astype(jnp.float32)[:, None] * w_stats.astype(jnp.float32)[None, :]
+  y = acc.astype(jnp.float32) * scale * jnp.float32(MM_DEQUANT_SCALE)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)[None, :]
+  return y.astype(out_dtype).reshape(*a_q.shape[:-1], w_q.shape[0])
+
+
+def int8_weight_only_linear(x: jax.Array, w_q: jax.Array, w_stats: jax.Array,
+                            bias: jax.Array | None = None) -> jax.Array:
+  """Weight-only int8 linear ``x @ dequant(W).T + bias`` (activations stay in 16 bits).
+
+  The int8 weight is converted to ``x.dtype`` (exact for float16/bfloat16/float32), the product
+  accumulates in float32 and the row scale ``w_stats / 127`` multiplies the result.
+
+  Args:
+    x: ``(..., K)`` float.
+    w_q: ``int8 (N, K)``; ``w_stats``: ``float32 (N,)``.
+    bias: ``(N,)`` or None.
+
+  Returns:
+    ``(..., N)`` in ``x.dtype``.
+  """
+  k = x.shape[-1]
+  acc = jax.lax.dot_general(x.reshape(-1, k), w_q.astype(x.dtype), (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+  y = acc * (w_stats.astype(jnp.float32) * jnp.float32(DEQUANT_SCALE))[None, :]
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)[None, :]
+  return y.astype(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
