@@ -1,0 +1,251 @@
+"""W4 of TARGETS.md: int8 layers on one 8192 x 8192 weight, beside bf16 in the same run.
+
+Every figure is the median time of one layer in microseconds. Each timed call runs the layer
+on 8 distinct weights (8 x 64 MiB int8 / 128 MiB bf16, more than the 50 MB L2), and many calls
+are queued before the clock stops, so launch overhead is hidden as in a model.
+
+Rows: ``bf16`` (XLA dot, the baseline), XLA's own int8 paths (``xla w8a8``: int8 x int8 ->
+int32 dot of pre-quantized rows; ``xla weight-only``: convert fused into a bf16 dot), and
+jaxquant's kernels through the public API with ``backend=BACKEND``: ``weight-only``
+(``int8_weight_only_linear``), ``w8a8 matmul`` (``int8_matmul`` on pre-quantized rows: the
+tensor-core GEMM with fused dequant), ``w8a8 linear`` (``int8_linear(threshold=0)``: quantize
+the bf16 rows + GEMM), ``LLM.int8 t=6`` (``int8_linear(threshold=6)`` on activations with 8
+planted outlier columns: quantize + outlier decomposition + GEMM).
+
+    python benchmarks/int8_matmul.py [--sweep] [--out benchmarks/results/int8_matmul.json]
+
+``--sweep`` also times candidate tile configurations of each kernel (the heuristics in
+``pallas_kernels/int8_matmul`` were chosen from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jaxquant as jq  # noqa: E402
+from jaxquant.functional import int8_matmul, int8_weight_only_linear  # noqa: E402
+from pallas_kernels.int8_matmul import gemm, quantize, reference, weight_only  # noqa: E402
+
+N = K = 8192
+BACKEND = "pallas"
+M_VALUES = (1, 16, 128, 512, 4096)
+LAYERS = 8
+TARGETS = {  # TARGETS.md, W4
+    ("weight-only", 1): ("us", 25.0),
+    ("w8a8 matmul", 4096): ("ratio", 0.60),
+    ("LLM.int8 t=6", 4096): ("ratio", 1.0),
+}
+
+
+def median_us(fn, *args, layers: int = LAYERS, reps: int = 21) -> float:
+  """Median per-layer time of ``fn(*args)`` (which runs ``layers`` layers) in microseconds."""
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  once = time.perf_counter() - t0
+  inner = int(min(50, max(1, 0.004 // max(once, 1e-6))))
+  samples = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t0) / inner / layers * 1e6)
+  return statistics.median(samples)
+
+
+def activations(rng, m: int, outlier_cols: int = 0) -> jax.Array:
+  x = rng.standard_normal((m, K)).astype(np.float32)
+  for c in rng.choice(K, size=outlier_cols, replace=False):
+    x[:, c] = np.sign(rng.standard_normal(m)) * (6.5 + 10 * rng.random(m))
+  return jnp.asarray(x, jnp.bfloat16)
+
+
+def rotate(layer):
+  """A jitted call applying ``layer(x, w)`` to each of the weights."""
+  return jax.jit(lambda x, ws: tuple(layer(x, w) for w in ws))
+
+
+def headline(rng, w16, states, ms) -> dict:
+  rows = {
+      "bf16": (w16, lambda x, w: x @ w.T),
+      "xla w8a8": (states, lambda a, s: reference.int8_scaled_matmul(
+          a[0], a[1], s.data, s.absmax, out_dtype=jnp.bfloat16)),
+      "xla weight-only": (states, lambda x, s: reference.int8_weight_only_linear(
+          x, s.data, s.absmax)),
+      "weight-only": (states, lambda x, s: int8_weight_only_linear(x, s, backend=BACKEND)),
+      "w8a8 matmul": (states, lambda a, s: int8_matmul(a[0], a[1], s, backend=BACKEND)),
+      "w8a8 linear": (states, lambda x, s: jq.int8_linear(x, s, threshold=0.0,
+                                                           backend=BACKEND)),
+      "LLM.int8 t=6": (states, lambda x, s: jq.int8_linear(x, s, threshold=6.0,
+                                                            backend=BACKEND)),
+  }
+  out: dict = {name: {} for name in rows}
+  out["quantize t=6 (one call)"] = {}
+  for m in ms:
+    x = activations(rng, m)
+    x_outliers = activations(rng, m, outlier_cols=8)
+    a_q, a_stats, _ = reference.int8_vectorwise_quant(x)
+    for name, (weights, layer) in rows.items():
+      arg = {"xla w8a8": (a_q, a_stats), "w8a8 matmul": (a_q, a_stats),
+             "LLM.int8 t=6": x_outliers}.get(name, x)
+      try:
+        out[name][m] = median_us(rotate(layer), arg, weights)
+      except Exception as e:  # noqa: BLE001  (report and go on)
+        out[name][m] = None
+        print(f"{name} M={m}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    quant = jax.jit(lambda x: quantize.rowwise_quant(
+        x, threshold=6.0, interpret=BACKEND == "interpret"))
+    out["quantize t=6 (one call)"][m] = median_us(quant, x_outliers, layers=1)
+    print(f"M={m}: " + ", ".join(f"{k} {v.get(m) or float('nan'):.1f}" for k, v in out.items()),
+          flush=True)
+  return out
+
+
+_WO_SMALL = [weight_only.WeightOnlyConfig(block_m=16, block_n=bn, block_k=bk, split_k=s,
+                                         w_lhs=lhs, num_warps=nw, num_stages=st,
+                                         bit_decode=bits)
+             for bn, bk, s, lhs, nw, st, bits in [
+                 (64, 256, 1, True, 4, 4, True), (64, 256, 1, True, 4, 4, False),
+                 (32, 256, 1, True, 4, 4, True), (64, 512, 1, True, 4, 3, True),
+                 (128, 256, 1, True, 4, 4, True), (64, 256, 2, True, 4, 4, True),
+                 (64, 128, 4, True, 4, 5, True), (128, 128, 2, True, 8, 4, True),
+                 (64, 256, 1, False, 4, 4, True), (32, 512, 1, True, 2, 4, True)]]
+_WO_LARGE = [weight_only.WeightOnlyConfig(block_m=bm, block_n=bn, block_k=bk, w_lhs=False,
+                                          num_warps=nw, num_stages=st)
+             for bm, bn, bk, nw, st in [(128, 128, 64, 8, 4), (64, 128, 128, 4, 4),
+                                        (128, 64, 128, 4, 4), (128, 256, 64, 8, 3),
+                                        (64, 64, 256, 4, 4), (128, 128, 128, 8, 3)]]
+_GEMM_SMALL = [gemm.GemmConfig(block_m=16, block_n=bn, block_k=bk, group_m=1, num_warps=nw,
+                               num_stages=st)
+               for bn, bk, nw, st in [(64, 256, 4, 4), (32, 256, 4, 4), (64, 512, 4, 3),
+                                      (128, 256, 4, 4), (128, 128, 4, 5)]]
+_GEMM_MID = [gemm.GemmConfig(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=nw,
+                             num_stages=st)
+             for bm, bn, bk, nw, st in [(128, 128, 128, 8, 4), (64, 128, 128, 4, 4),
+                                        (128, 128, 128, 4, 4), (64, 64, 256, 4, 4),
+                                        (128, 256, 128, 8, 3), (64, 256, 128, 4, 4)]]
+_GEMM_LARGE = [gemm.GemmConfig(block_m=bm, block_n=bn, block_k=bk, group_m=g, num_warps=nw,
+                               num_stages=st)
+               for bm, bn, bk, g, nw, st in [
+                   (128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3),
+                   (128, 128, 128, 8, 4, 4), (128, 128, 128, 8, 8, 4), (128, 256, 64, 8, 8, 4),
+                   (128, 128, 256, 8, 8, 3), (128, 256, 128, 16, 8, 3), (256, 128, 64, 8, 8, 4)]]
+_QUANT = [quantize.QuantConfig(block_m=bm, block_k=bk, num_warps=nw)
+          for bm, bk, nw in [(1, 2048, 4), (1, 1024, 4), (2, 2048, 8), (4, 1024, 4),
+                             (8, 2048, 8), (16, 1024, 8), (4, 2048, 4)]]
+# (kernel, M values, candidate configs), most important first.
+SWEEP = [
+    ("weight-only", (1,), _WO_SMALL),
+    ("w8a8 gemm", (4096,), _GEMM_LARGE),
+    ("quantize", (4096, 1), _QUANT),
+    ("weight-only", (16,), _WO_SMALL),
+    ("w8a8 gemm", (128, 512), _GEMM_MID),
+    ("weight-only", (128, 512, 4096), _WO_LARGE),
+    ("w8a8 gemm", (1, 16), _GEMM_SMALL),
+]
+
+
+def sweep(rng, states, ms) -> list:
+  results = []
+  for kernel, group_ms, configs in SWEEP:
+    for m in (v for v in group_ms if v in ms):
+      x = activations(rng, m, outlier_cols=8 if kernel == "quantize" else 0)
+      a_q, a_stats, _ = reference.int8_vectorwise_quant(x)
+      for cfg in configs:
+        if kernel == "weight-only":
+          fn = rotate(lambda x, s, cfg=cfg: weight_only.weight_only_matmul(
+              x, s.data, s.absmax, config=cfg, interpret=BACKEND == "interpret"))
+          args = (x, states)
+        elif kernel == "w8a8 gemm":
+          fn = rotate(lambda a, s, cfg=cfg: gemm.int8_gemm(
+              a[0], a[1], s.data, s.absmax, config=cfg, interpret=BACKEND == "interpret"))
+          args = ((a_q, a_stats), states)
+        else:
+          fn = jax.jit(lambda x, cfg=cfg: quantize.rowwise_quant(
+              x, threshold=6.0, config=cfg, interpret=BACKEND == "interpret"))
+          args = (x,)
+        try:
+          us = median_us(fn, *args, layers=1 if kernel == "quantize" else LAYERS, reps=11)
+        except Exception as e:  # noqa: BLE001
+          us = None
+          print(f"sweep {kernel} M={m} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        results.append({"kernel": kernel, "M": m, "config": dataclasses.asdict(cfg),
+                        "median_us": us})
+        print(f"sweep {kernel} M={m} {us} {dataclasses.asdict(cfg)}", flush=True)
+  return results
+
+
+def table(res: dict, ms) -> str:
+  lines = ["| µs per layer (8192x8192) | " + " | ".join(f"M={m}" for m in ms) + " |",
+           "|---|" + "---|" * len(ms)]
+  for name, row in res.items():
+    cells = []
+    for m in ms:
+      v, base = row.get(m), res["bf16"].get(m)
+      if v is None:
+        cells.append("—")
+      elif name == "bf16" or base is None or name.startswith("quantize"):
+        cells.append(f"{v:.1f}")
+      else:
+        cells.append(f"{v:.1f} ({v / base:.2f}×)")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default="benchmarks/results/int8_matmul.json")
+  parser.add_argument("--sweep", action="store_true")
+  parser.add_argument("--m", type=int, nargs="*", default=list(M_VALUES))
+  parser.add_argument("--size", type=int, default=8192, help="N = K (smoke tests only)")
+  parser.add_argument("--backend", default="pallas", help="'interpret' for a CPU smoke test")
+  args = parser.parse_args()
+  global N, K, BACKEND
+  N = K = args.size
+  BACKEND = args.backend
+  rng = np.random.default_rng(0)
+  w16 = tuple(jnp.asarray(rng.standard_normal((N, K)) * 0.02, jnp.bfloat16)
+              for _ in range(LAYERS))
+  states = tuple(jq.quantize_int8(w) for w in w16)
+  res = headline(rng, w16, states, args.m)
+  targets = []
+  for (name, m), (kind, goal) in TARGETS.items():
+    v, base = res[name].get(m), res["bf16"].get(m)
+    figure = None if v is None else (v if kind == "us" else v / base)
+    targets.append({"row": name, "M": m, "kind": kind, "target": goal, "figure": figure,
+                    "met": figure is not None and figure <= goal})
+  report = {
+      "workload": "W4: int8 linear layer, N=K=8192, median us per layer, 8 weights rotated",
+      "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "results_us": {name: {str(m): v for m, v in row.items()} for name, row in res.items()},
+      "targets": targets,
+  }
+  if args.sweep:
+    report["sweep"] = sweep(rng, states, args.m)
+  path = pathlib.Path(args.out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(report, indent=1))
+  print(table(res, args.m))
+  for t in targets:
+    print(f"target {t['row']} M={t['M']}: {t['figure']} vs {t['target']} ({t['kind']}) "
+          f"{'MET' if t['met'] else 'MISSED'}")
+
+
+if __name__ == "__main__":
+  main()
