@@ -3,6 +3,7 @@ the quantized matmuls and embedding lookups. All take and return plain arrays/Qu
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -16,7 +17,7 @@ from jaxquant.quant_state import FOUR_BIT_TYPES, QuantState
 __all__ = [
     "output_dtype", "check_4bit_layer", "quantize_kernel_4bit", "quantize_kernel_8bit",
     "linear_4bit", "linear_8bit", "embed_lookup", "embed_attend", "dequantize_kernel",
-    "dequantize_table", "quantize_table", "constrain",
+    "dequantize_table", "quantize_table", "constrain", "check_finite",
 ]
 
 QUANT_TYPES_4BIT = FOUR_BIT_TYPES
@@ -47,23 +48,70 @@ def check_4bit_layer(layer: str, in_features: int, *, quant_type: str, blocksize
         f"along the input dimension and must tile it exactly; {hint}")
 
 
+def check_finite(name: str, w: jax.Array) -> None:
+  """Outside ``jit``: reject a weight holding NaN/Inf (one reduction on the device, only the
+  verdict comes back), naming the layer."""
+  if _validate.is_concrete(w) and not bool(_all_finite(w)):
+    raise ValueError(f"{name} holds NaN or Inf values; quantization needs finite weights")
+
+
+@jax.jit
+def _all_finite(w: jax.Array) -> jax.Array:
+  return jnp.all(jnp.isfinite(w))
+
+
+# Conversion runs one compiled program per (shape, dtype, settings): the many same-shaped
+# layers of a model share it, and no intermediate is materialized eagerly.
+@functools.partial(jax.jit, static_argnames=("quant_type", "blocksize", "double_quant",
+                                             "transpose"))
+def _quantize_4bit(w, *, quant_type, blocksize, double_quant, transpose):
+  return F.quantize_4bit(w.T if transpose else w, blocksize, double_quant, quant_type)
+
+
+@functools.partial(jax.jit, static_argnames=("transpose",))
+def _quantize_int8(w, *, transpose):
+  return F.quantize_int8(w.T if transpose else w)
+
+
 def quantize_kernel_4bit(kernel: jax.Array, *, quant_type: str, blocksize: int,
-                         double_quant: bool) -> QuantState:
+                         double_quant: bool, name: str = "kernel") -> QuantState:
   """A Flax kernel ``(in, out)`` → 4-bit QuantState of its transpose ``(out, in)``."""
-  return F.quantize_4bit(kernel.T, blocksize, bool(double_quant), quant_type)
+  check_finite(name, kernel)
+  return _quantize_4bit(kernel, quant_type=quant_type, blocksize=int(blocksize),
+                        double_quant=bool(double_quant), transpose=True)
 
 
-def quantize_kernel_8bit(kernel: jax.Array) -> QuantState:
+def quantize_kernel_8bit(kernel: jax.Array, *, name: str = "kernel") -> QuantState:
   """A Flax kernel ``(in, out)`` → LLM.int8() row-wise QuantState of ``(out, in)``."""
-  return F.quantize_int8(kernel.T)
+  _check_fp16_range(name, kernel)
+  return _quantize_int8(kernel, transpose=True)
 
 
 def quantize_table(table: jax.Array, *, bits: int, quant_type: str = "fp4",
-                   blocksize: int = 64, double_quant: bool = False) -> QuantState:
+                   blocksize: int = 64, double_quant: bool = False,
+                   name: str = "embedding") -> QuantState:
   """An embedding table ``(num, features)`` → QuantState (rows stay rows)."""
   if bits == 4:
-    return F.quantize_4bit(table, blocksize, bool(double_quant), quant_type)
-  return F.quantize_int8(table)
+    check_finite(name, table)
+    return _quantize_4bit(table, quant_type=quant_type, blocksize=int(blocksize),
+                          double_quant=bool(double_quant), transpose=False)
+  _check_fp16_range(name, table)
+  return _quantize_int8(table, transpose=False)
+
+
+def _check_fp16_range(name: str, w: jax.Array) -> None:
+  """LLM.int8() weights are quantized from float16, as bitsandbytes does."""
+  check_finite(name, w)
+  if _validate.is_concrete(w):
+    big = float(_absmax(w))
+    if big > 65504.0:
+      raise ValueError(f"{name} has |values| up to {big}, beyond float16's range (65504) that "
+                       "LLM.int8() weights are quantized from")
+
+
+@jax.jit
+def _absmax(w: jax.Array) -> jax.Array:
+  return jnp.max(jnp.abs(w.astype(jnp.float32)))
 
 
 def dequantize_kernel(state: QuantState, dtype: DTypeLike) -> jax.Array:
