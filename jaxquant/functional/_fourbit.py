@@ -105,6 +105,7 @@ def dequantize_absmax(state: QuantState, *, backend: str | None = None) -> jax.A
   values = _dispatch.call("dequantize_8bit", backend, state.absmax, state.nested_absmax,
                           state.nested_code, blocksize=state.nested_blocksize,
                           dtype=jnp.float32)
+  values = jax.lax.nextafter(values, values)  # = values; keeps XLA from fusing into an FMA
   return (values + state.offset).reshape(state.absmax.shape)
 
 
@@ -122,7 +123,11 @@ def dequantize_4bit(state: QuantState, dtype: DTypeLike | None = None, *,
   """
   check_4bit_state(state)
   dtype = state.dtype if dtype is None else _validate.check_dtype_arg("dtype", dtype)
-  absmax = dequantize_absmax(state, backend=backend)
-  flat = _dispatch.call("dequantize_4bit", backend, state.data, absmax, state.code,
-                        blocksize=state.blocksize, n=state.size, dtype=dtype)
+  nested, nested_kw = (), {}
+  if state.nested:  # decoded inside the op (the kernel never writes the float32 absmax)
+    nested = (state.nested_absmax, state.nested_code, state.offset)
+    nested_kw = {"nested_blocksize": state.nested_blocksize}
+  flat = _dispatch.call("dequantize_4bit", backend, state.data, state.absmax, state.code,
+                        *nested, blocksize=state.blocksize, n=state.size, dtype=dtype,
+                        **nested_kw)
   return flat.reshape(state.shape)

@@ -30,6 +30,7 @@ __all__ = [
     "dequantize_4bit",
     "quantize_8bit",
     "dequantize_8bit",
+    "decode_nested_absmax",
     "NF4_THRESHOLDS",
     "FP4_THRESHOLDS",
     "FP4_CODE_BY_RANK",
@@ -119,22 +120,46 @@ def _expand(values: jax.Array, absmax: jax.Array, blocksize: int, dtype) -> jax.
   return out.reshape(-1)[:n].astype(dtype)
 
 
+def decode_nested_absmax(absmax: jax.Array, nested_absmax: jax.Array, nested_code: jax.Array,
+                         offset: jax.Array, *, nested_blocksize: int) -> jax.Array:
+  """Double-quantized absmax → float32 ``(n_blocks,)``:
+  ``float32(nested_code[q] * nested_absmax[i // nested_blocksize]) + offset``, two roundings.
+
+  ``nextafter(v, v)`` is ``v``; it keeps XLA from contracting the product and the sum into one
+  FMA when both land in one fusion (XLA on the CPU does), so the result does not depend on
+  how the surrounding program is fused."""
+  values = dequantize_8bit(absmax, nested_absmax, nested_code, blocksize=nested_blocksize,
+                           dtype=jnp.float32)
+  values = jax.lax.nextafter(values, values)
+  return values + jnp.asarray(offset, jnp.float32).reshape(())
+
+
 def dequantize_4bit(
-    packed: jax.Array, absmax: jax.Array, code: jax.Array, *, blocksize: int, n: int, dtype
+    packed: jax.Array, absmax: jax.Array, code: jax.Array, nested_absmax: jax.Array | None = None,
+    nested_code: jax.Array | None = None, offset: jax.Array | None = None, *, blocksize: int,
+    n: int, dtype, nested_blocksize: int = 256,
 ) -> jax.Array:
   """Inverse of :func:`quantize_4bit`.
 
   Args:
     packed: ``uint8 ((n + 1) // 2,)`` (any shape, read flat).
-    absmax: ``float32 (ceil(n / blocksize),)`` (any shape, read flat).
+    absmax: ``float32 (ceil(n / blocksize),)`` (any shape, read flat), or its ``uint8`` double
+      quantization when ``nested_absmax`` is given.
     code: ``float32 (16,)`` value of each nibble.
+    nested_absmax: ``float32 (ceil(absmax.size / nested_blocksize),)`` or ``None``.
+    nested_code: ``float32 (256,)`` code of the absmax bytes (with ``nested_absmax``).
+    offset: ``float32 ()`` added to the decoded absmax (with ``nested_absmax``).
     blocksize: elements per block.
     n: number of elements.
     dtype: output dtype.
+    nested_blocksize: absmax entries per ``nested_absmax`` value.
 
   Returns:
     ``(n,)`` array of ``dtype``: ``dtype(code[q] * absmax[i // blocksize])``.
   """
+  if nested_absmax is not None:
+    absmax = decode_nested_absmax(absmax, nested_absmax, nested_code, offset,
+                                  nested_blocksize=nested_blocksize)
   values = code.astype(jnp.float32)[unpack_4bit(packed, n).astype(jnp.int32)]
   return _expand(values, absmax, blocksize, dtype)
 

@@ -1,0 +1,136 @@
+"""Pallas kernel: blockwise 4-bit dequantization, with double-quantized absmax decoded on the fly.
+
+One program reads ``rows * blocksize / 2`` packed bytes and ``rows`` absmax entries, splits each
+byte into its two nibbles (high first), looks the nibble up in the 16-entry code, multiplies by
+the block's float32 absmax and writes ``rows * blocksize`` values of ``dtype``. With double
+quantization the absmax entry is a uint8 code: the kernel computes
+``nested_code[q] * nested_absmax[block // nested_blocksize] + offset`` in float32 (product and
+sum each rounded, as the reference does), so the float32 absmax never goes through memory.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.blockwise_quant import _common
+from pallas_kernels.blockwise_quant._common import KernelConfig, Program
+
+__all__ = ["dequantize_4bit", "supports_dequantize_4bit", "KERNEL_NAME", "DEFAULT_CONFIG"]
+
+KERNEL_NAME = "jaxquant_dequantize_4bit"
+DEFAULT_CONFIG = KernelConfig(elems_per_program=8192, num_warps=4, num_stages=1)
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
+def supports_dequantize_4bit(packed, absmax, code, nested_absmax=None, nested_code=None,
+                             offset=None, *, blocksize: int, n: int, dtype,
+                             nested_blocksize: int = 256, **_) -> bool:
+  """Whether the kernel handles these arguments (else callers use the reference)."""
+  nested = nested_absmax is not None
+  return (jnp.dtype(dtype) in _DTYPES and 0 < n < _common.INDEX_LIMIT
+          and _common.is_power_of_two(blocksize) and 32 <= blocksize <= 4096
+          and packed.size == (n + 1) // 2 and code.size == 16
+          and absmax.size == -(-n // blocksize)
+          and jnp.dtype(absmax.dtype) == jnp.dtype(jnp.uint8 if nested else jnp.float32)
+          and (not nested or (nested_code is not None and nested_code.size == 256
+                              and offset is not None and offset.size == 1
+                              and isinstance(nested_blocksize, int) and nested_blocksize > 0
+                              and nested_absmax.size == -(-absmax.size // nested_blocksize))))
+
+
+def unpack_nibbles(packed: jax.Array, rows: int, blocksize: int) -> jax.Array:
+  """int32 bytes ``(rows * bs // 2,)`` → int32 codes ``(rows, bs)``, high nibble first."""
+  pairs = jnp.broadcast_to(packed.reshape(rows, blocksize // 2, 1), (rows, blocksize // 2, 2))
+  shift = jnp.where(jax.lax.broadcasted_iota(jnp.int32, pairs.shape, 2) == 0, 4, 0)
+  return ((pairs >> shift) & 15).reshape(rows, blocksize)
+
+
+def decode_absmax(absmax: jax.Array, prog: Program, nested_refs, nested_blocksize: int,
+                  interpret: bool) -> jax.Array:
+  """float32 absmax ``(rows,)`` of this program from its stored entries ``(rows,)``."""
+  if nested_refs is None:
+    return absmax.astype(jnp.float32)
+  nested_absmax_ref, nested_code_ref, offset_ref = nested_refs
+  n_nested = nested_absmax_ref.shape[0]
+  group = jnp.minimum(prog.block_index() // nested_blocksize, n_nested - 1)
+  scale = nested_absmax_ref[group]
+  value = nested_code_ref[absmax.astype(jnp.int32)]
+  return _common.mul_rn(value, scale, interpret) + offset_ref[...]
+
+
+def _kernel(packed_ref, absmax_ref, code_ref, *rest, prog: Program, dtype, nested: bool,
+            nested_blocksize: int, interpret: bool):
+  *nested_refs, out_ref = rest
+  packed = _common.load_flat(packed_ref, prog, prog.elems // 2, (prog.n + 1) // 2)
+  q = unpack_nibbles(packed.astype(jnp.int32), prog.rows, prog.blocksize)
+  stored = _common.load_flat(absmax_ref, prog, prog.rows, prog.n_blocks)
+  absmax = decode_absmax(stored, prog, nested_refs if nested else None, nested_blocksize,
+                         interpret)
+  values = code_ref[q] * absmax[:, None]
+  _common.store_flat(out_ref, values.astype(dtype).reshape(prog.elems), prog, prog.n)
+
+
+@functools.partial(jax.jit, static_argnames=("blocksize", "n", "dtype", "nested_blocksize",
+                                             "interpret", "config"))
+def dequantize_4bit(packed: jax.Array, absmax: jax.Array, code: jax.Array,
+                    nested_absmax: jax.Array | None = None, nested_code: jax.Array | None = None,
+                    offset: jax.Array | None = None, *, blocksize: int, n: int, dtype,
+                    nested_blocksize: int = 256, interpret: bool = False,
+                    config: KernelConfig | None = None) -> jax.Array:
+  """Inverse of 4-bit quantization (same contract as ``reference.dequantize_4bit``).
+
+  Args:
+    packed: ``uint8 ((n + 1) // 2,)``, any shape, read flat.
+    absmax: ``float32 (ceil(n / blocksize),)``, or ``uint8`` codes when double quantized.
+    code: ``float32 (16,)`` value of each nibble.
+    nested_absmax: ``float32 (ceil(absmax.size / nested_blocksize),)`` or ``None``.
+    nested_code: ``float32 (256,)`` code of the absmax bytes, with ``nested_absmax``.
+    offset: ``float32 ()`` added to the decoded absmax, with ``nested_absmax``.
+    blocksize: elements per block, a power of two in 32..4096.
+    n: number of elements.
+    dtype: output dtype (float32/float16/bfloat16).
+    nested_blocksize: absmax entries per ``nested_absmax`` value.
+    interpret: run in the Pallas interpreter instead of compiling for the GPU.
+    config: launch parameters; default :data:`DEFAULT_CONFIG`.
+
+  Returns:
+    ``(n,)`` of ``dtype``: ``dtype(code[q] * absmax[i // blocksize])``.
+  """
+  dtype = jnp.dtype(dtype)
+  args = (packed, absmax, code, nested_absmax, nested_code, offset)
+  if not supports_dequantize_4bit(*args, blocksize=blocksize, n=n, dtype=dtype,
+                                  nested_blocksize=nested_blocksize):
+    raise ValueError(f"dequantize_4bit kernel does not support packed {packed.dtype}"
+                     f"{tuple(packed.shape)}, absmax {absmax.dtype}{tuple(absmax.shape)}, "
+                     f"n={n}, blocksize={blocksize}, dtype={dtype}")
+  config = config or DEFAULT_CONFIG
+  _common.silence_triton_deprecation()
+  prog = Program.make(n, blocksize, config)
+  nested = nested_absmax is not None
+  operands = [packed.reshape(-1), absmax.reshape(-1), code.astype(jnp.float32).reshape(-1)]
+  in_specs = [pl.BlockSpec((prog.elems // 2,), lambda i: (i,)),
+              pl.BlockSpec((prog.rows,), lambda i: (i,)),
+              pl.BlockSpec((16,), lambda i: (0,))]
+  if nested:
+    operands += [nested_absmax.astype(jnp.float32).reshape(-1),
+                 nested_code.astype(jnp.float32).reshape(-1),
+                 offset.astype(jnp.float32).reshape(1)]
+    in_specs += [pl.BlockSpec((operands[3].size,), lambda i: (0,)),
+                 pl.BlockSpec((256,), lambda i: (0,)),
+                 pl.BlockSpec((1,), lambda i: (0,))]
+  kernel = functools.partial(_kernel, prog=prog, dtype=dtype, nested=nested,
+                             nested_blocksize=nested_blocksize, interpret=interpret)
+  return pl.pallas_call(
+      kernel,
+      grid=prog.grid,
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((prog.elems,), lambda i: (i,)),
+      out_shape=jax.ShapeDtypeStruct((n,), dtype),
+      compiler_params=_common.compiler_params(config),
+      interpret=interpret,
+      name=KERNEL_NAME,
+  )(*operands)

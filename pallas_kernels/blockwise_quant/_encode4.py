@@ -1,0 +1,120 @@
+"""In-kernel 4-bit encoders: scaled float32 values → NF4 / FP4 codes, exactly as ``reference.py``.
+
+Two encoders give the same bytes:
+
+* ``compare``: one comparison per decision threshold (15 for NF4, 7 on ``|s|`` for FP4), the
+  reference's own formula; exact for every input including ``±inf`` and NaN.
+* ``table``: a bin lookup. ``b(v) = round_half_even(32 * v)`` is computed with one float add of
+  a magic constant (``32 * v`` is exact, so fused or not the result is the same), and is
+  monotone in ``v``. For a threshold ``t``, ``b(s) > b(t)`` implies ``s > t`` and
+  ``b(s) < b(t)`` implies ``s < t``; only when ``b(s) == b(t)`` must ``s`` be compared with
+  ``t``. Bins are 1/32 wide and the thresholds at least 0.08 apart, so a bin holds at most one
+  threshold: a 128-entry table gives, per bin, that threshold (or +inf) and the codes below
+  and above it. Two gathers and one comparison replace fifteen comparisons. Valid while
+  ``|s| <= 1.01`` and ``s`` is not NaN, which holds whenever the block's absmax is a finite normal
+  float32 (the kernels fall back to ``compare`` for a program where it is not).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.blockwise_quant import reference
+
+__all__ = ["encode_compare", "encode_table", "encoder_tables", "pad_code", "TABLE_SIZE"]
+
+TABLE_SIZE = 128
+_SCALE = np.float32(32.0)
+# 1.5 * 2**23 + 32: adding it rounds to an integer and puts b(v) + 32 in the low mantissa bits.
+_MAGIC = np.float32(12582912.0 + 32.0)
+
+
+def _thresholds(quant_type: str) -> np.ndarray:
+  if quant_type == "nf4":
+    return np.array(reference.NF4_THRESHOLDS, np.float32)
+  if quant_type == "fp4":
+    return np.array(reference.FP4_THRESHOLDS, np.float32)
+  raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+
+
+def _bin_numpy(v: np.ndarray) -> np.ndarray:
+  """Host twin of the in-kernel bin index (same float32 operations)."""
+  y = (v.astype(np.float32) * _SCALE).astype(np.float32) + _MAGIC
+  return y.astype(np.float32).view(np.int32) & (TABLE_SIZE - 1)
+
+
+def _fp4_code_of_rank(rank):
+  """bitsandbytes' FP4 magnitude code of a rank 0..7: ``(0,1,6,7,4,5,2,3)[rank]``."""
+  return rank ^ ((rank & 2) << 1)
+
+
+@functools.cache
+def encoder_tables(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
+  """``(threshold float32 (128,), codes int32 (128,))`` of the ``table`` encoder.
+
+  ``codes[j] = low | high << 4``: the code of a value in bin ``j`` at or below the bin's
+  threshold, and above it. NF4 bins are of ``s``, FP4 bins of ``|s|`` (the sign is added
+  after).
+  """
+  thresholds = _thresholds(quant_type)
+  bins = _bin_numpy(thresholds)
+  if len(set(bins.tolist())) != len(bins):
+    raise AssertionError(f"two {quant_type} thresholds share a bin: {bins}")
+  # Bin index → signed bin b: indices are b + 32 for b in [-32, 32].
+  signed = np.arange(TABLE_SIZE) - 32
+  threshold_bin = bins.astype(np.int64) - 32
+  thr = np.full(TABLE_SIZE, np.inf, np.float32)
+  codes = np.zeros(TABLE_SIZE, np.int32)
+  for j in range(TABLE_SIZE):
+    below = int(np.sum(threshold_bin < signed[j]))
+    inside = np.flatnonzero(threshold_bin == signed[j])
+    low, high = below, below + len(inside)
+    if len(inside):
+      thr[j] = thresholds[inside[0]]
+    if quant_type == "fp4":
+      low, high = _fp4_code_of_rank(low), _fp4_code_of_rank(high)
+    codes[j] = low | (high << 4)
+  thr.setflags(write=False)
+  codes.setflags(write=False)
+  return thr, codes
+
+
+@functools.cache
+def pad_code(quant_type: str) -> int:
+  """Code of 0.0: bitsandbytes pads an odd-length tail's last nibble with it."""
+  rank = int(np.sum(np.float32(0.0) > _thresholds(quant_type)))
+  return rank if quant_type == "nf4" else _fp4_code_of_rank(rank)
+
+
+def encode_compare(s: jax.Array, quant_type: str) -> jax.Array:
+  """int32 codes of float32 ``s`` (any shape) by one comparison per threshold."""
+  thresholds = _thresholds(quant_type)
+  if quant_type == "nf4":
+    code = jnp.zeros(s.shape, jnp.int32)
+    for t in thresholds:
+      code = code + (s > t).astype(jnp.int32)
+    return code
+  mag = jnp.abs(s)
+  rank = jnp.zeros(s.shape, jnp.int32)
+  for t in thresholds:
+    rank = rank + (mag > t).astype(jnp.int32)
+  return _fp4_code_of_rank(rank) | jnp.where(s < 0, 8, 0)
+
+
+def encode_table(s: jax.Array, thr_ref, codes_ref, quant_type: str) -> jax.Array:
+  """int32 codes of float32 ``s`` by bin lookup in :func:`encoder_tables` (given as refs).
+
+  Only for ``|s| <= 1.01`` and no NaN (see the module docstring)."""
+  key = s if quant_type == "nf4" else jnp.abs(s)
+  y = key * _SCALE + _MAGIC
+  idx = jax.lax.bitcast_convert_type(y, jnp.int32) & (TABLE_SIZE - 1)
+  thr = thr_ref[idx]
+  codes = codes_ref[idx]
+  code = (codes >> jnp.where(key > thr, 4, 0)) & 15
+  if quant_type == "fp4":
+    code = code | jnp.where(s < 0, 8, 0)
+  return code

@@ -1,0 +1,112 @@
+"""Pallas kernel: blockwise 4-bit (NF4 / FP4) quantization, bytes identical to ``reference.py``.
+
+One program reads ``rows`` blocks (``rows * blocksize`` elements of the flat input), computes
+each block's absmax (float32, NaN-propagating), scales by the correctly rounded reciprocal,
+encodes (``_encode4.py``), packs two codes per byte (first element in the high nibble) and
+writes ``rows * blocksize / 2`` bytes and ``rows`` absmax values. Everything is read and written
+once: the kernel is bound by memory bandwidth on an H100.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.blockwise_quant import _common, _encode4
+from pallas_kernels.blockwise_quant._common import KernelConfig, Program
+
+__all__ = ["quantize_4bit", "supports_quantize_4bit", "KERNEL_NAME", "DEFAULT_CONFIG"]
+
+KERNEL_NAME = "jaxquant_quantize_4bit"
+DEFAULT_CONFIG = KernelConfig(elems_per_program=8192, num_warps=4, num_stages=1, encoder="table")
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+# Absmax bit patterns for which the table encoder is valid: finite normal floats whose
+# reciprocal is normal too (2**-126 <= absmax <= 2**125).
+_NORMAL_MIN_BITS = 0x00800000
+_NORMAL_MAX_BITS = 0x7C000000
+
+
+def supports_quantize_4bit(x, *, blocksize: int, quant_type: str, **_) -> bool:
+  """Whether the kernel handles this input (else callers use the reference)."""
+  return (hasattr(x, "dtype") and jnp.dtype(x.dtype) in _DTYPES
+          and 0 < x.size < _common.INDEX_LIMIT
+          and _common.is_power_of_two(blocksize) and 32 <= blocksize <= 4096
+          and quant_type in ("nf4", "fp4"))
+
+
+def _pack_pairs(codes: jax.Array) -> jax.Array:
+  """int32 codes ``(rows, bs)`` → bytes ``(rows * bs // 2,)`` as int32, element 2i high."""
+  rows, bs = codes.shape
+  pairs = codes.reshape(rows, bs // 2, 2)
+  shift = jnp.where(jax.lax.broadcasted_iota(jnp.int32, pairs.shape, 2) == 0, 4, 0)
+  return jnp.sum(pairs << shift, axis=2).reshape(rows * bs // 2)
+
+
+def _kernel(x_ref, thr_ref, codes_ref, q_ref, absmax_ref, *, prog: Program, quant_type: str,
+            encoder: str, interpret: bool):
+  x = _common.load_flat(x_ref, prog, prog.elems, prog.n)
+  x = x.astype(jnp.float32).reshape(prog.rows, prog.blocksize)
+  absmax = _common.row_absmax(x)
+  s = x * _common.reciprocal(absmax, interpret)[:, None]
+
+  if encoder == "compare":
+    codes = _encode4.encode_compare(s, quant_type)
+  else:
+    bits = jax.lax.bitcast_convert_type(absmax, jnp.int32)
+    normal = (bits >= _NORMAL_MIN_BITS) & (bits <= _NORMAL_MAX_BITS)
+    all_normal = jnp.min(normal.astype(jnp.int32)) == 1
+    codes = jax.lax.cond(
+        all_normal,
+        lambda v: _encode4.encode_table(v, thr_ref, codes_ref, quant_type),
+        lambda v: _encode4.encode_compare(v, quant_type),
+        s)
+  if prog.n % 2:
+    # The odd tail's last nibble holds the code of 0.0, whatever the block's absmax.
+    codes = jnp.where(prog.element_index() < prog.n, codes, _encode4.pad_code(quant_type))
+
+  _common.store_flat(q_ref, _pack_pairs(codes).astype(jnp.uint8), prog, (prog.n + 1) // 2)
+  _common.store_flat(absmax_ref, absmax, prog, prog.n_blocks)
+
+
+@functools.partial(jax.jit, static_argnames=("blocksize", "quant_type", "interpret", "config"))
+def quantize_4bit(x: jax.Array, *, blocksize: int, quant_type: str, interpret: bool = False,
+                  config: KernelConfig | None = None) -> tuple[jax.Array, jax.Array]:
+  """Blockwise 4-bit quantization (same contract as ``reference.quantize_4bit``).
+
+  Args:
+    x: any shape, float32/float16/bfloat16, read flat; ``n = x.size``.
+    blocksize: elements per block, a power of two in 32..4096.
+    quant_type: ``"nf4"`` or ``"fp4"``.
+    interpret: run the kernel in the Pallas interpreter (any backend) instead of compiling it
+      for the GPU.
+    config: launch parameters; default :data:`DEFAULT_CONFIG`.
+
+  Returns:
+    ``(packed, absmax)``: ``uint8 ((n + 1) // 2,)`` and ``float32 (ceil(n / blocksize),)``.
+  """
+  if not supports_quantize_4bit(x, blocksize=blocksize, quant_type=quant_type):
+    raise ValueError(f"quantize_4bit kernel does not support x {x.dtype}{tuple(x.shape)}, "
+                     f"blocksize={blocksize!r}, quant_type={quant_type!r}")
+  config = config or DEFAULT_CONFIG
+  _common.silence_triton_deprecation()
+  prog = Program.make(x.size, blocksize, config)
+  thr, codes = _encode4.encoder_tables(quant_type)
+  table_spec = pl.BlockSpec((_encode4.TABLE_SIZE,), lambda i: (0,))
+  kernel = functools.partial(_kernel, prog=prog, quant_type=quant_type, encoder=config.encoder,
+                             interpret=interpret)
+  return pl.pallas_call(
+      kernel,
+      grid=prog.grid,
+      in_specs=[pl.BlockSpec((prog.elems,), lambda i: (i,)), table_spec, table_spec],
+      out_specs=[pl.BlockSpec((prog.elems // 2,), lambda i: (i,)),
+                 pl.BlockSpec((prog.rows,), lambda i: (i,))],
+      out_shape=[jax.ShapeDtypeStruct(((prog.n + 1) // 2,), jnp.uint8),
+                 jax.ShapeDtypeStruct((prog.n_blocks,), jnp.float32)],
+      compiler_params=_common.compiler_params(config),
+      interpret=interpret,
+      name=KERNEL_NAME,
+  )(x.reshape(-1), jnp.asarray(thr), jnp.asarray(codes))
+
