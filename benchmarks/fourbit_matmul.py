@@ -44,38 +44,45 @@ TARGET_RATIO = {512: 1.10, 4096: 1.05, "w2": 1.10}
 def candidates(m: int) -> list[Config]:
   """Forward kernels tried per M bucket (8192×8192, blocksize 64, bf16)."""
   g = lambda **kw: Config("gemm", **kw)  # noqa: E731
+  v = lambda bn, bk, s, w, st: Config("gemv", block_n=bn, block_k=bk, split_k=s,  # noqa: E731
+                                      num_warps=w, num_stages=st)
+  dq = [Config("dq_dot", block_n=bn, block_k=bk, num_warps=w, num_stages=1)
+        for bn, bk, w in ((64, 128, 4), (32, 256, 4), (128, 128, 8))]
   if m <= 8:
-    return ([Config("gemv", block_n=bn, block_k=bk, split_k=s, num_warps=w, num_stages=st)
-             for bn, bk, s, w, st in ((16, 512, 1, 4, 1), (32, 512, 1, 4, 1), (16, 1024, 1, 4, 1),
-                                      (8, 1024, 1, 4, 1), (16, 256, 1, 4, 3), (32, 256, 1, 4, 3),
-                                      (16, 512, 2, 4, 1), (64, 256, 1, 8, 2), (32, 1024, 1, 8, 1),
-                                      (16, 2048, 1, 8, 1))]
+    return ([v(16, 512, 1, 4, 1), v(32, 512, 1, 4, 1), v(16, 1024, 1, 4, 1), v(8, 1024, 1, 4, 1),
+             v(16, 256, 1, 4, 3), v(32, 256, 1, 4, 2), v(16, 512, 2, 4, 1), v(64, 256, 1, 8, 2),
+             v(32, 1024, 1, 8, 1), v(16, 2048, 1, 8, 1), v(64, 512, 1, 8, 1), v(8, 512, 1, 2, 1)]
             + [g(block_m=16, block_n=bn, block_k=bk, w_lhs=True, num_stages=st)
-               for bn, bk, st in ((64, 256, 3), (128, 128, 4))])
+               for bn, bk, st in ((64, 256, 3), (128, 128, 4), (64, 512, 2))])
   if m <= 16:
-    return ([Config("gemv", block_n=16, block_k=256, num_warps=8, num_stages=1)]
+    return ([v(16, 256, 1, 8, 1), v(32, 512, 1, 8, 1)]
             + [g(block_m=16, block_n=bn, block_k=bk, w_lhs=lhs, num_warps=w, num_stages=st)
                for bn, bk, lhs, w, st in ((64, 256, True, 4, 3), (128, 128, True, 4, 4),
                                           (64, 128, False, 4, 4), (128, 256, True, 8, 3),
-                                          (32, 512, True, 4, 3), (64, 512, True, 4, 2))])
+                                          (32, 512, True, 4, 3), (64, 512, True, 4, 2),
+                                          (128, 64, True, 4, 4), (256, 128, True, 8, 3))])
   if m <= 128:
     return [g(block_m=bm, block_n=bn, block_k=bk, w_lhs=lhs, num_warps=w, num_stages=st)
             for bm, bn, bk, lhs, w, st in ((64, 64, 128, True, 4, 4), (128, 64, 64, False, 4, 4),
                                            (64, 128, 64, True, 4, 4), (128, 128, 64, True, 8, 3),
-                                           (32, 128, 128, True, 4, 4), (64, 64, 256, True, 4, 3))]
+                                           (32, 128, 128, True, 4, 4), (64, 64, 256, True, 4, 3),
+                                           (128, 128, 64, False, 8, 3), (64, 128, 128, True, 4, 3),
+                                           (32, 64, 256, True, 4, 3))] + dq[:1]
   return [g(block_m=bm, block_n=bn, block_k=bk, w_lhs=lhs, num_warps=w, num_stages=st)
           for bm, bn, bk, lhs, w, st in ((128, 128, 64, False, 8, 3), (128, 128, 64, True, 8, 3),
-                                         (128, 256, 64, False, 8, 3), (256, 128, 64, True, 8, 3),
+                                         (128, 256, 64, False, 8, 3), (128, 256, 64, True, 8, 3),
                                          (128, 128, 128, False, 8, 3), (64, 128, 64, True, 4, 4),
-                                         (128, 256, 64, True, 8, 3))]
+                                         (64, 256, 64, True, 8, 3), (128, 64, 64, False, 4, 4))
+          ] + dq
 
 
 def grad_candidates(m: int) -> list[Config]:
   g = lambda **kw: Config("gemm", **kw)  # noqa: E731
   return [g(block_m=bm, block_n=bn, block_k=bk, w_lhs=lhs, num_warps=w, num_stages=st)
           for bm, bn, bk, lhs, w, st in ((128, 64, 128, False, 8, 3), (128, 64, 128, True, 8, 3),
-                                         (128, 64, 256, False, 8, 3), (256, 64, 128, True, 8, 3),
-                                         (128, 128, 128, False, 8, 3), (64, 64, 128, False, 4, 4))]
+                                         (128, 64, 256, False, 8, 3), (128, 128, 128, False, 8, 3),
+                                         (64, 64, 128, False, 4, 4), (128, 64, 64, False, 4, 4),
+                                         (64, 128, 128, True, 4, 3), (128, 128, 256, False, 8, 3))]
 
 
 def time_layers(fn, *args, reps: int = 15, min_rep_s: float = 0.004) -> float:

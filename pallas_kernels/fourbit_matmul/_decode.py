@@ -6,6 +6,9 @@ middle index selects an absmax block: the scale broadcasts along the last axis a
 in-kernel reshape is needed to apply it. Each byte holds two consecutive elements, the first
 in the high nibble; a tile decodes to ``hi`` (even ``k``) and ``lo`` (odd ``k``) halves.
 
+For bfloat16/float16 activations the code lookup runs in registers (:mod:`._lut`); for float32
+it is a gather from the 16-entry code and the arithmetic is the reference's, exactly.
+
 Double-quantized absmax is decoded per tile in registers:
 ``absmax = nested_code[q] * nested_absmax[block // nested_blocksize] + offset`` (float32), the
 block index being the row-major position of the absmax, as bitsandbytes stores it.
@@ -21,7 +24,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["Layout", "WeightRefs", "operands", "load_codes", "load_absmax", "decode_tile",
+from pallas_kernels.fourbit_matmul import _lut
+
+__all__ = ["Layout", "WeightRefs", "Decoder", "operands", "split_refs", "load_absmax",
            "masked_load", "dot_precision", "launch"]
 
 
@@ -62,20 +67,30 @@ class WeightRefs(NamedTuple):
   packed: Any
   absmax: Any
   code: Any
+  tables: Any
   nested_code: Any = None
   nested_absmax: Any = None
   offset: Any = None
 
 
+def split_refs(refs, nested: bool) -> tuple[WeightRefs, list[Any]]:
+  """The weight refs at the head of ``refs`` (as :func:`operands` orders them), and the rest."""
+  count = 7 if nested else 4
+  return WeightRefs(*refs[:count]), list(refs[count:])
+
+
 def operands(packed: jax.Array, absmax: jax.Array, code: jax.Array, nested: Any,
-             layout: Layout) -> tuple[jax.Array, ...]:
+             layout: Layout, dtype) -> tuple[jax.Array, ...]:
   """The weight arrays in kernel layout: packed ``(n, k/g, g/2)`` uint8, absmax
-  ``(n, k/blocksize)``, code ``(16,)`` f32, then nested code ``(256,)``, nested absmax and
-  offset ``(1,)`` (f32) when double quantized."""
+  ``(n, k/blocksize)``, code ``(16,)`` f32, the register tables of :mod:`._lut` ``(8,)``
+  uint32, then nested code ``(256,)``, nested absmax and offset ``(1,)`` (f32) when double
+  quantized."""
   g = layout.group
+  table_dtype = dtype if jnp.dtype(dtype) in _lut.FAST_DTYPES else jnp.bfloat16
   arrays = (packed.reshape(layout.n, layout.k // g, g // 2),
             absmax.reshape(layout.n, layout.blocks_per_row),
-            code.reshape(16).astype(jnp.float32))
+            code.reshape(16).astype(jnp.float32),
+            _lut.code_tables(code, table_dtype))
   if nested is not None:
     arrays += (nested.nested_code.reshape(-1).astype(jnp.float32),
                nested.nested_absmax.reshape(-1).astype(jnp.float32),
@@ -91,19 +106,9 @@ def masked_load(ref, mask, other=0):
   return pltriton.load(ref, mask=mask, other=jnp.asarray(other, ref.dtype))
 
 
-def load_codes(refs: WeightRefs, layout: Layout, r0, rows: int, step, row_mask):
-  """Float32 code values ``(hi, lo)``, each ``(rows, nb, g/2)``, of weight rows
-  ``r0 .. r0 + rows`` and columns ``step * block_k ..`` (masked rows read code 0)."""
-  nb = layout.sub_blocks
-  tile = refs.packed.at[pl.ds(r0, rows), pl.ds(step * nb, nb), :]
-  p = masked_load(tile, None if row_mask is None else row_mask[:, None, None])
-  hi = (p >> 4).astype(jnp.int32)
-  lo = (p & 0xF).astype(jnp.int32)
-  return refs.code[hi], refs.code[lo]
-
-
 def load_absmax(refs: WeightRefs, layout: Layout, r0, rows: int, step, row_mask):
-  """Float32 absmax ``(rows, nb)`` of the same tile (masked rows get 0)."""
+  """Float32 absmax ``(rows, nb)`` of weight rows ``r0 .. r0 + rows`` for the sub-blocks of
+  step ``step`` (masked rows get 0)."""
   nb = layout.sub_blocks
   col0 = (step * layout.block_k) // layout.blocksize
   tile = refs.absmax.at[pl.ds(r0, rows), pl.ds(col0, nb)]
@@ -116,16 +121,52 @@ def load_absmax(refs: WeightRefs, layout: Layout, r0, rows: int, step, row_mask)
   last = layout.n * layout.blocks_per_row - 1
   block = jnp.minimum(row * layout.blocks_per_row + col, last)
   scale = refs.nested_absmax[block // layout.nested_blocksize]
-  return refs.nested_code[q] * scale + refs.offset[0]
+  absmax = refs.nested_code[q] * scale + refs.offset[0]
+  return absmax if mask is None else jnp.where(mask, absmax, 0.0)
 
 
-def decode_tile(refs: WeightRefs, layout: Layout, r0, rows: int, step, row_mask, dtype):
-  """The dequantized tile ``(rows, block_k)`` in ``dtype``, columns in natural order."""
-  hi, lo = load_codes(refs, layout, r0, rows, step, row_mask)
-  scale = load_absmax(refs, layout, r0, rows, step, row_mask)[:, :, None]
-  w_hi = (hi * scale).astype(dtype)
-  w_lo = (lo * scale).astype(dtype)
-  return jnp.stack([w_hi, w_lo], axis=-1).reshape(rows, layout.block_k)
+class Decoder(NamedTuple):
+  """Decodes weight tiles inside a kernel.
+
+  Attributes:
+    refs: the weight refs.
+    layout: their layout.
+    dtype: the activation dtype the tiles are decoded to.
+    interpret: the kernel runs in the Pallas interpreter.
+    tables: the code's register tables as scalars (bf16/fp16 on the GPU), else ``None``.
+  """
+  refs: WeightRefs
+  layout: Layout
+  dtype: Any
+  interpret: bool
+  tables: Any
+
+  @classmethod
+  def create(cls, refs: WeightRefs, layout: Layout, dtype, interpret: bool) -> "Decoder":
+    """Call before the kernel's loop, so the tables are loaded once."""
+    tables = None
+    if jnp.dtype(dtype) in _lut.FAST_DTYPES and not interpret:
+      tables = [refs.tables[i] for i in range(8)]
+    return cls(refs, layout, dtype, interpret, tables)
+
+  def values(self, r0, rows: int, step, row_mask) -> jax.Array:
+    """Weight rows ``r0 .. r0 + rows``, columns of step ``step``: ``(rows, nb, g)`` in
+    ``dtype`` (masked rows decode to zero)."""
+    refs, layout = self.refs, self.layout
+    nb = layout.sub_blocks
+    tile = refs.packed.at[pl.ds(r0, rows), pl.ds(step * nb, nb), :]
+    p = masked_load(tile, None if row_mask is None else row_mask[:, None, None])
+    scale = load_absmax(refs, layout, r0, rows, step, row_mask)
+    if jnp.dtype(self.dtype) in _lut.FAST_DTYPES:
+      return _lut.decode(p, scale, self.tables, refs.code, self.dtype, self.interpret)
+    hi = refs.code[(p >> 4).astype(jnp.int32)] * scale[:, :, None]
+    lo = refs.code[(p & 0xF).astype(jnp.int32)] * scale[:, :, None]
+    w = jnp.stack([hi, lo], axis=-1).reshape(rows, nb, layout.group)
+    return w.astype(self.dtype)
+
+  def tile(self, r0, rows: int, step, row_mask) -> jax.Array:
+    """The same weights as a ``(rows, block_k)`` matrix."""
+    return self.values(r0, rows, step, row_mask).reshape(rows, self.layout.block_k)
 
 
 def dot_precision(dtype):

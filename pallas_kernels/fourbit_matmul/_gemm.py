@@ -37,11 +37,10 @@ def grouped_ids(pid, tiles_a: int, tiles_b: int, group: int):
 
 
 def _kernel(*refs, layout: _decode.Layout, m: int, cfg: Config, nested: bool,
-            has_bias: bool):
+            has_bias: bool, interpret: bool):
   x_ref, *rest = refs
-  n_weight = 6 if nested else 3
-  w = _decode.WeightRefs(*rest[:n_weight])
-  bias_ref = rest[n_weight] if has_bias else None
+  w, rest = _decode.split_refs(rest, nested)
+  bias_ref = rest[0] if has_bias else None
   o_ref = rest[-1]
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   pid_m, pid_n = grouped_ids(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(layout.n, bn),
@@ -53,11 +52,12 @@ def _kernel(*refs, layout: _decode.Layout, m: int, cfg: Config, nested: bool,
   n_mask = n_rows < layout.n if layout.n % bn else None
   dtype = x_ref.dtype
   precision = _decode.dot_precision(dtype)
+  decoder = _decode.Decoder.create(w, layout, dtype, interpret)
 
   def body(step, acc):
     x_tile = x_ref.at[pl.ds(m0, bm), pl.ds(step * bk, bk)]
     xt = _decode.masked_load(x_tile, None if m_mask is None else m_mask[:, None])
-    wt = _decode.decode_tile(w, layout, n0, bn, step, n_mask, dtype)
+    wt = decoder.tile(n0, bn, step, n_mask)
     if cfg.w_lhs:
       return acc + jax.lax.dot_general(wt, xt, (((1,), (1,)), ((), ())), precision=precision,
                                         preferred_element_type=jnp.float32)
@@ -101,9 +101,8 @@ def gemm(x: jax.Array, weights: tuple[jax.Array, ...], bias: jax.Array | None, *
     ``(m, n)`` in ``x.dtype``.
   """
   m = x.shape[0]
-  nested = len(weights) == 6
-  kernel = functools.partial(_kernel, layout=layout, m=m, cfg=config, nested=nested,
-                             has_bias=bias is not None)
+  kernel = functools.partial(_kernel, layout=layout, m=m, cfg=config, nested=len(weights) == 7,
+                             has_bias=bias is not None, interpret=interpret)
   grid = (pl.cdiv(m, config.block_m) * pl.cdiv(layout.n, config.block_n),)
   args = (x, *weights) + ((bias,) if bias is not None else ())
   return _decode.launch(kernel, jax.ShapeDtypeStruct((m, layout.n), x.dtype), grid, args,

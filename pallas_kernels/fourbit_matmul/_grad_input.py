@@ -26,9 +26,10 @@ __all__ = ["grad_input", "KERNEL_NAME"]
 KERNEL_NAME = "jaxquant_matmul_4bit_grad_input"
 
 
-def _kernel(*refs, layout: _decode.Layout, m: int, cfg: Config, nested: bool):
+def _kernel(*refs, layout: _decode.Layout, m: int, cfg: Config, nested: bool,
+            interpret: bool):
   g_ref, *rest = refs
-  w = _decode.WeightRefs(*rest[:6 if nested else 3])
+  w, rest = _decode.split_refs(rest, nested)
   o_ref = rest[-1]
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   pid_m, pid_k = grouped_ids(pl.program_id(0), pl.cdiv(m, bm), layout.k // bk, cfg.group_m)
@@ -38,6 +39,7 @@ def _kernel(*refs, layout: _decode.Layout, m: int, cfg: Config, nested: bool):
   ragged_n = layout.n % bn != 0
   dtype = g_ref.dtype
   precision = _decode.dot_precision(dtype)
+  decoder = _decode.Decoder.create(w, layout, dtype, interpret)
 
   def body(step, acc):
     r0 = step * bn
@@ -51,7 +53,7 @@ def _kernel(*refs, layout: _decode.Layout, m: int, cfg: Config, nested: bool):
       if r_mask is not None:
         mask = mask & r_mask[None, :]
     gt = _decode.masked_load(g_ref.at[pl.ds(m0, bm), pl.ds(r0, bn)], mask)
-    wt = _decode.decode_tile(w, layout, r0, bn, pid_k, r_mask, dtype)
+    wt = decoder.tile(r0, bn, pid_k, r_mask)
     if cfg.w_lhs:
       return acc + jax.lax.dot_general(wt, gt, (((0,), (1,)), ((), ())), precision=precision,
                                         preferred_element_type=jnp.float32)
@@ -85,8 +87,8 @@ def grad_input(g: jax.Array, weights: tuple[jax.Array, ...], *, layout: _decode.
     ``(m, k)`` in ``g.dtype``.
   """
   m = g.shape[0]
-  nested = len(weights) == 6
-  kernel = functools.partial(_kernel, layout=layout, m=m, cfg=config, nested=nested)
+  kernel = functools.partial(_kernel, layout=layout, m=m, cfg=config, nested=len(weights) == 7,
+                             interpret=interpret)
   grid = (pl.cdiv(m, config.block_m) * (layout.k // config.block_k),)
   return _decode.launch(kernel, jax.ShapeDtypeStruct((m, layout.k), g.dtype), grid,
                         (g, *weights), name=KERNEL_NAME, num_warps=config.num_warps,

@@ -1,8 +1,8 @@
 """Kernel and block-size choice per shape, cached.
 
 A :class:`Config` names the kernel (``"gemv"``: FMA over a row block, for a few rows of ``x``;
-``"gemm"``: tensor-core tiles; ``"xla"``: the fused reference, where no kernel beats it) and
-its tile sizes. :func:`forward_config` and :func:`grad_config` look a shape up, in order, in a
+``"gemm"``: tensor-core tiles; ``"dq_dot"``: decode the weight once, then XLA's dot, for
+large M; ``"xla"``: the reference, where no kernel beats it) and its tile sizes. :func:`forward_config` and :func:`grad_config` look a shape up, in order, in a
 process cache, then in the table tuned on this GPU model (``tuned.json`` beside this module,
 written by ``benchmarks/fourbit_matmul.py``), then fall back to a heuristic. Shapes are keyed
 with ``M`` rounded up to a power of two, so batch sizes of one bucket share one choice.
@@ -22,7 +22,7 @@ __all__ = ["Config", "forward_config", "grad_config", "valid", "shape_key", "rec
            "TABLE_PATH"]
 
 TABLE_PATH = pathlib.Path(__file__).with_name("tuned.json")
-KERNELS = ("gemv", "gemm", "xla")
+KERNELS = ("gemv", "gemm", "dq_dot", "xla")
 MAX_GEMV_M = 8
 
 
@@ -31,7 +31,7 @@ class Config:
   """One kernel choice.
 
   Attributes:
-    kernel: ``"gemv"``, ``"gemm"`` or ``"xla"``.
+    kernel: ``"gemv"``, ``"gemm"``, ``"dq_dot"`` or ``"xla"``.
     block_m: rows of ``x`` (or of ``dy``) per program (gemm).
     block_n: weight rows per program (forward) or per reduction step (backward).
     block_k: reduction (forward) or output (backward) columns per step, a power of two that
@@ -78,6 +78,8 @@ def valid(cfg: Config, m: int, n: int, k: int, blocksize: int) -> bool:
     return False
   if cfg.kernel == "gemv":
     return (k // bk) % cfg.split_k == 0
+  if cfg.kernel == "dq_dot":
+    return True
   return min(cfg.block_m, cfg.block_n, bk) >= 16
 
 

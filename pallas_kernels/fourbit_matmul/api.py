@@ -4,8 +4,9 @@ Implementations of ``"matmul_4bit"`` and ``"matmul_4bit_grad_input"``:
 
 - ``"xla"``: the pure-jnp reference.
 - ``"pallas"``: the Triton kernels compiled for a CUDA GPU: :mod:`._gemv` for a few rows of
-  ``x``, :mod:`._gemm` for more, :mod:`._grad_input` for the backward pass, the choice and
-  block sizes coming from :mod:`._tuning`. Where the tuned table found the fused XLA path
+  ``x``, :mod:`._gemm` for more, :mod:`._dequant` (decode once, then XLA's dot) where the
+  tuned table found that faster at large M, :mod:`._grad_input` for the backward pass; the
+  choice and block sizes come from :mod:`._tuning`. Where the table found the XLA reference
   faster for a shape, ``supports`` is false there and dispatch takes ``"xla"``.
 - ``"interpret"``: the same kernels run by the Pallas interpreter (any backend).
 """
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _registry
 from pallas_kernels.fourbit_matmul import _decode, _tuning, reference
+from pallas_kernels.fourbit_matmul._dequant import dequantize_then_dot
 from pallas_kernels.fourbit_matmul._gemm import gemm
 from pallas_kernels.fourbit_matmul._gemv import gemv
 from pallas_kernels.fourbit_matmul._grad_input import grad_input
@@ -90,8 +92,8 @@ def matmul_4bit(x: jax.Array, packed: jax.Array, absmax: jax.Array, code: jax.Ar
     return reference.matmul_4bit(x, packed, absmax, code, bias, shape=shape,
                                  blocksize=blocksize, nested=nested)
   layout = _layout(shape, blocksize, nested, cfg.block_k)
-  weights = _decode.operands(packed, absmax, code, nested, layout)
-  kernel = gemv if cfg.kernel == "gemv" else gemm
+  weights = _decode.operands(packed, absmax, code, nested, layout, x.dtype)
+  kernel = {"gemv": gemv, "gemm": gemm, "dq_dot": dequantize_then_dot}[cfg.kernel]
   y = kernel(x2, weights, bias, layout=layout, config=cfg, interpret=interpret, poison=poison)
   return y.reshape(*x.shape[:-1], n)
 
@@ -109,7 +111,7 @@ def matmul_4bit_grad_input(g: jax.Array, packed: jax.Array, absmax: jax.Array,
     return reference.matmul_4bit_grad_input(g, packed, absmax, code, shape=shape,
                                             blocksize=blocksize, nested=nested)
   layout = _layout(shape, blocksize, nested, cfg.block_k)
-  weights = _decode.operands(packed, absmax, code, nested, layout)
+  weights = _decode.operands(packed, absmax, code, nested, layout, g.dtype)
   dx = grad_input(g2, weights, layout=layout, config=cfg, interpret=interpret, poison=poison)
   return dx.reshape(*g.shape[:-1], k)
 

@@ -40,8 +40,10 @@ class Case:
   backward: Config
 
 
-# A covering subset: every M, blocksize, code, dtype and nesting appears; N and K are not
-# multiples of the tiles where the kernels mask; block_k below, at and above the blocksize.
+# A covering subset: every M, blocksize, code, dtype and nesting appears, and every kernel
+# (gemv with and without split-K, gemm with either operand order, dequantize-then-dot); N and
+# K are not multiples of the tiles where the kernels mask; block_k below, at and above the
+# blocksize.
 CASES = [
     Case((1,), 200, 320, 64, "nf4", True, jnp.bfloat16, True,
          Config("gemv", block_n=64, block_k=64, num_stages=1),
@@ -56,7 +58,7 @@ CASES = [
          Config("gemm", block_m=32, block_n=32, block_k=64),
          Config("gemm", block_m=64, block_n=32, block_k=128, w_lhs=True)),
     Case((512,), 64, 128, 64, "nf4", False, jnp.float32, False,
-         Config("gemm", block_m=128, block_n=64, block_k=128, group_m=2),
+         Config("dq_dot", block_n=32, block_k=128),
          Config("gemm", block_m=128, block_n=16, block_k=64, group_m=2)),
     Case((16,), 72, 512, 256, "nf4", True, jnp.bfloat16, False,
          Config("gemv", block_n=16, block_k=512),
@@ -91,6 +93,7 @@ def _assert_close(out, ref, dtype):
   np.testing.assert_allclose(out, ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
+@jax.default_matmul_precision("highest")  # the float32 reference, also on a GPU (not tf32)
 def _check_case(case: Case, seed: int, **kw):
   state, x, g, bias = _inputs(case, seed)
   arrays, wkw = _weight(state)
@@ -115,6 +118,7 @@ def _grads(x, state, bias, ct, backend):
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=[IDS[1], IDS[3]])
+@jax.default_matmul_precision("highest")
 def test_gradients_through_matmul_4bit_interpret(case):
   case = dataclasses.replace(case, bias=True)
   state, x, g, bias = _inputs(case, seed=7)

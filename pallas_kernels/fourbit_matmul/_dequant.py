@@ -1,0 +1,72 @@
+"""Large-M forward fallback: decode the weight to ``(N, K)`` in one pass, then a library dot.
+
+At large M the product is bound by the tensor cores, and a dot fed from a decoded-in-kernel
+tile pays the decode once per row block of ``x``. Where the tuning table finds it faster,
+the forward pass instead decodes the packed weight once, with the same register decode as
+the fused kernels (:class:`._decode.Decoder`), into a transient ``(N, K)`` array in
+``x.dtype`` and hands it to XLA's dot (cuBLAS). It costs one extra write and read of the
+dense weight (``4 N K`` bytes in bf16): about 7% of the product at ``M = 4096``,
+``N = K = 8192`` on an H100. The backward kernel never does this.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.fourbit_matmul import _decode
+from pallas_kernels.fourbit_matmul._tuning import Config
+
+__all__ = ["dequantize_then_dot", "KERNEL_NAME"]
+
+KERNEL_NAME = "jaxquant_matmul_4bit_dequant"
+
+
+def _kernel(*refs, layout: _decode.Layout, block_n: int, nested: bool, interpret: bool):
+  w, rest = _decode.split_refs(refs, nested)
+  o_ref = rest[-1]
+  n0 = pl.program_id(0) * block_n
+  rows = n0 + jax.lax.broadcasted_iota(jnp.int32, (block_n,), 0)
+  row_mask = rows < layout.n if layout.n % block_n else None
+  decoder = _decode.Decoder.create(w, layout, o_ref.dtype, interpret)
+  step = pl.program_id(1)
+  tile = decoder.tile(n0, block_n, step, row_mask)
+  dest = o_ref.at[pl.ds(n0, block_n), pl.ds(step * layout.block_k, layout.block_k)]
+  if row_mask is None:
+    dest[...] = tile
+  else:
+    pltriton.store(dest, tile, mask=row_mask[:, None])
+
+
+def dequantize_then_dot(x: jax.Array, weights: tuple[jax.Array, ...], bias: jax.Array | None, *,
+                        layout: _decode.Layout, config: Config, interpret: bool = False,
+                        poison: bool = False) -> jax.Array:
+  """``x (m, k) @ W.T (+ bias)`` in ``x.dtype`` through a decoded ``(n, k)`` weight.
+
+  Args:
+    x: ``(m, k)`` float32/float16/bfloat16.
+    weights: :func:`_decode.operands` for ``layout``.
+    bias: ``(n,)`` or ``None``.
+    layout: the weight layout; ``layout.block_k == config.block_k``.
+    config: a ``"dq_dot"`` :class:`Config` (``block_n``, ``block_k``: the decode tile).
+    interpret: run the kernel in the Pallas interpreter.
+    poison: fill the decoded weight with NaN first (tests: every element must be written).
+
+  Returns:
+    ``(m, n)`` in ``x.dtype``.
+  """
+  kernel = functools.partial(_kernel, layout=layout, block_n=config.block_n,
+                             nested=len(weights) == 7, interpret=interpret)
+  grid = (pl.cdiv(layout.n, config.block_n), layout.k // config.block_k)
+  w = _decode.launch(kernel, jax.ShapeDtypeStruct((layout.n, layout.k), x.dtype), grid,
+                     weights, name=KERNEL_NAME, num_warps=config.num_warps,
+                     num_stages=config.num_stages, interpret=interpret, poison=poison)
+  y = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), precision=_decode.dot_precision(
+      x.dtype), preferred_element_type=jnp.float32)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)[None, :]
+  return y.astype(x.dtype)
