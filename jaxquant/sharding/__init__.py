@@ -9,8 +9,12 @@
   :func:`per_device_bytes` says what each device holds.
 - :func:`use_mesh` / :func:`sharded_matmul_4bit` run the 4-bit matmul (Pallas kernel or jnp
   reference) per shard through ``shard_map``.
+- :func:`make_train_step` builds the sharded (Q)LoRA step (data x FSDP, one ``jax.jit`` with
+  explicit in/out shardings); :func:`global_batch` assembles a batch from each process's rows
+  when several hosts run it (after ``jax.distributed.initialize``).
 """
 
+from jaxquant.sharding._distributed import global_batch as global_batch
 from jaxquant.sharding._infer import Plan as Plan
 from jaxquant.sharding._infer import named_shardings as named_shardings
 from jaxquant.sharding._infer import partition_specs as partition_specs
@@ -18,6 +22,7 @@ from jaxquant.sharding._infer import plan as plan
 from jaxquant.sharding._matmul import gather_state as gather_state
 from jaxquant.sharding._matmul import sharded_matmul_4bit as sharded_matmul_4bit
 from jaxquant.sharding._matmul import use_mesh as use_mesh
+from jaxquant.sharding._local import local_quant_state as local_quant_state
 from jaxquant.sharding._mesh import DATA as DATA
 from jaxquant.sharding._mesh import FSDP as FSDP
 from jaxquant.sharding._mesh import batch_sharding as batch_sharding
@@ -29,15 +34,23 @@ from jaxquant.sharding._place import shard_state as shard_state
 from jaxquant.sharding._place import state_shardings as state_shardings
 from jaxquant.sharding._rules import PartitionRules as PartitionRules
 from jaxquant.sharding._rules import quant_state_specs as quant_state_specs
+from jaxquant.sharding._train import ShardedTrainer as ShardedTrainer
+from jaxquant.sharding._train import TrainState as TrainState
+from jaxquant.sharding._train import make_train_step as make_train_step
 
 __all__ = [
     "DATA",
     "FSDP",
     "PartitionRules",
     "Plan",
+    "ShardedTrainer",
+    "TrainState",
     "batch_sharding",
     "gather_state",
+    "global_batch",
+    "local_quant_state",
     "make_mesh",
+    "make_train_step",
     "model_shardings",
     "named_shardings",
     "partition_specs",

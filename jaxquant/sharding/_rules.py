@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jaxquant.functional._layout import blocks_tile_rows
 from jaxquant.quant_state import FOUR_BIT_TYPES, QuantState
 from jaxquant.sharding._mesh import DATA, FSDP, axis_size, present_axes
 
@@ -145,7 +146,9 @@ def array_spec(mesh: Mesh, axes: Sequence[str], shape: Sequence[int], min_size: 
     return P()
   for d, dim in enumerate(shape):
     if dim % n == 0:
-      return P(*([None] * d), _entry(present_axes(mesh, axes)))
+      entries = [None] * len(shape)
+      entries[d] = _entry(present_axes(mesh, axes))
+      return P(*entries)
   return P()
 
 
@@ -164,31 +167,34 @@ def quant_state_specs(state: QuantState, spec: P, mesh: Mesh) -> tuple[QuantStat
   notes: list[str] = []
   shape = state.shape
   want = normalize_spec(spec, len(shape))
-  tensor = fit_spec(mesh, P(*want), shape)
+  tensor = normalize_spec(fit_spec(mesh, P(*want), shape), len(shape))
   for d, (w, got) in enumerate(zip(want, tensor)):
     if present_axes(mesh, w) and got is None:
       notes.append(f"dim {d} ({shape[d]}) not divisible by {axis_size(mesh, w)} shards: kept whole")
-  tensor = normalize_spec(tensor, len(shape))
-  multi = _multi_dim(state)
-  last = len(shape) - 1
-  if multi and tensor[last] is not None and state.quant_type != "int8_rowwise":
-    per_row = shape[last] // state.blocksize
-    if per_row % _size(mesh, tensor[last]):
-      notes.append(f"last dim: {per_row} blocks per row do not split into "
-                   f"{_size(mesh, tensor[last])} whole-block shards: kept whole")
-      tensor = tensor[:last] + (None,)
-  if multi:
+  first = tensor[0] if tensor else None
+  only_first = first is not None and all(t is None for t in tensor[1:])
+  if state.quant_type == "int8_rowwise":
+    # int8 values of the tensor's shape, one scale per row, flat (prod(shape[:-1]),)
     data = P(*tensor)
-    if state.quant_type == "int8_rowwise":
-      # one scale per row, flat (prod(shape[:-1]),): follows a split of the first dimension
-      absmax = P(tensor[0]) if all(t is None for t in tensor[1:-1]) else P()
+    absmax = P(first) if first is None or all(t is None for t in tensor[1:-1]) else P()
+  elif blocks_tile_rows(shape, state.blocksize):
+    last = len(shape) - 1
+    if tensor[last] is not None and (shape[last] // state.blocksize) % _size(mesh, tensor[last]):
+      notes.append(f"last dim: {shape[last] // state.blocksize} blocks per row do not split into "
+                   f"{_size(mesh, tensor[last])} shards of whole blocks: kept whole")
+      tensor = tensor[:last] + (None,)
+    data = absmax = P(*tensor)  # data (..., K/2) packed or (..., K) codes; absmax (..., K/bs)
+  else:  # flat blocks over the flattened tensor: split only into whole blocks along dim 0
+    ok = only_first and state.size % (_size(mesh, first) * state.blocksize) == 0
+    if any(t is not None for t in tensor) and not ok:
+      notes.append(f"flat blocks of {state.blocksize}: {spec} does not split {shape} into whole "
+                   "blocks; scales replicated")
+    absmax = P(first) if ok else P()
+    if state.quant_type in FOUR_BIT_TYPES:
+      data = absmax  # packed flat ((n + 1) // 2,)
     else:
-      absmax = P(*tensor)
-  else:
-    data, absmax = _flat_specs(state, tensor, mesh, notes)
-  nested = None
-  if state.nested:
-    nested = _nested_spec(state, absmax, mesh, notes)
+      data = P(*tensor)  # blockwise8 codes keep the tensor's shape
+  nested = _nested_spec(state, absmax, mesh, notes) if state.nested else None
   rep = P()
   specs = state.replace(
       data=data, absmax=absmax, code=None if state.code is None else rep,
@@ -197,30 +203,8 @@ def quant_state_specs(state: QuantState, spec: P, mesh: Mesh) -> tuple[QuantStat
   return specs, notes
 
 
-def _multi_dim(state: QuantState) -> bool:
-  """True when ``data`` keeps the tensor's leading dimensions (see QuantState)."""
-  return len(state.data.shape) == len(state.shape) and len(state.shape) >= 2
-
-
-def _flat_specs(state: QuantState, tensor: tuple[Any, ...], mesh: Mesh,
-                notes: list[str]) -> tuple[P, P]:
-  """Flat layout: split only along the tensor's first dimension, and only into whole blocks."""
-  first = tensor[0] if tensor else None
-  if first is None or any(t is not None for t in tensor[1:]):
-    if any(t is not None for t in tensor[1:]):
-      notes.append("flat layout: only the first dimension can be split; replicated")
-    return P(), P()
-  n = _size(mesh, first)
-  bits_per = 2 if state.quant_type in FOUR_BIT_TYPES else 1
-  if state.size % (n * state.blocksize) or state.size % (n * bits_per):
-    notes.append(f"flat layout: {state.size} elements do not split into {n} shards of whole "
-                 f"blocks of {state.blocksize}; replicated")
-    return P(), P()
-  return P(first), P(first)
-
-
 def _nested_spec(state: QuantState, absmax: P, mesh: Mesh, notes: list[str]) -> P:
-  entries = normalize_spec(absmax, len(state.absmax.shape))
+  entries = tuple(absmax)
   first = entries[0] if entries else None
   if first is None or any(e is not None for e in entries[1:]):
     return P()
