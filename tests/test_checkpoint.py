@@ -21,12 +21,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxquant as jq
 from jaxquant import checkpoint as ck
+from jaxquant import nn as jqnn
+from jaxquant import optim as jqoptim
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -202,32 +205,56 @@ def test_adapters_only_checkpoint_is_small(state, tmp_path):
     ck.restore(tmp_path / "lora", state)
 
 
-class _QuantWeight(nnx.Variable):
-  """A frozen-weight Variable holding a QuantState (as jaxquant.nn's layers do)."""
-
-
-class _QLoRALinear(nnx.Module):
-  def __init__(self, din, dout, rank, rngs):
-    w = jax.random.normal(rngs.params(), (dout, din))
-    self.kernel = _QuantWeight(jq.quantize_4bit(w, 64, True, "nf4"))
-    self.lora = nnx.LoRA(din, rank, dout, rngs=rngs)
+class _QLoRA(nnx.Module):
+  def __init__(self, rngs):
+    self.q = jqnn.Linear4bit(256, 64, quant_type="nf4", double_quant=True, rngs=rngs)
+    self.down = jqnn.Linear8bitLt(64, 64, threshold=6.0, rngs=rngs)
 
   def __call__(self, x):
-    return jq.matmul_4bit(x, self.kernel.get_value()) + self.lora(x)
+    return self.down(self.q(x))
 
 
-def test_nnx_model_state_round_trip(tmp_path):
-  model = _QLoRALinear(256, 64, 8, nnx.Rngs(0))
-  model.lora.lora_b.set_value(jnp.full((8, 64), 0.5))
+def _qlora_model():
+  model = _QLoRA(nnx.Rngs(0))
+  jqnn.add_lora(model, jqnn.LoraConfig(r=8, alpha=16), rngs=nnx.Rngs(1))
+  return model
+
+
+def test_nnx_qlora_model_and_8bit_optimizer_resume_exactly(tmp_path):
+  """jaxquant.nn layers + LoRA + jaxquant.optim.adamw8bit: saved, restored from abstract
+  targets (nothing allocated), and the next training step is identical."""
+  model = _qlora_model()
+  graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+  tx = jqoptim.adamw8bit(1e-2, min_8bit_size=0)
+  opt_state = tx.init(lora)
+  grads = jax.tree.map(lambda a: jnp.cos(a) * 0.1, lora)
+  updates, opt_state = tx.update(grads, opt_state, lora)
+  lora = optax.apply_updates(lora, updates)
+  mu = opt_state.mu["q"]["lora_a"].get_value()
+  assert isinstance(mu, jq.QuantState) and mu.quant_type == "blockwise8"
+  ck.save(tmp_path / "run", {"lora": lora, "frozen": frozen, "opt": opt_state, "step": 1})
+  ck.save(tmp_path / "adapters", {"lora": lora})
+
+  abstract_model = nnx.eval_shape(_qlora_model)
+  _, a_lora, a_frozen = nnx.split(abstract_model, nnx.LoRAParam, ...)
+  target = {"lora": a_lora, "frozen": a_frozen, "opt": jax.eval_shape(tx.init, a_lora),
+            "step": 0}
+  out = ck.restore(tmp_path / "run", target)
+  _assert_bit_exact(out, {"lora": lora, "frozen": frozen, "opt": opt_state, "step": 1})
   x = jnp.linspace(-1, 1, 512).reshape(2, 256)
-  ck.save(tmp_path / "m", nnx.state(model))
-  ck.save(tmp_path / "adapters", nnx.state(model, nnx.LoRAParam))
-  fresh = nnx.eval_shape(lambda: _QLoRALinear(256, 64, 8, nnx.Rngs(1)))  # allocates nothing
-  nnx.update(fresh, ck.restore(tmp_path / "m", nnx.state(fresh)))
-  np.testing.assert_array_equal(np.asarray(fresh(x)), np.asarray(model(x)))
-  other = _QLoRALinear(256, 64, 8, nnx.Rngs(0))
-  nnx.update(other, ck.restore(tmp_path / "adapters", nnx.state(other, nnx.LoRAParam)))
-  np.testing.assert_array_equal(np.asarray(other(x)), np.asarray(model(x)))
+  resumed = nnx.merge(graphdef, out["lora"], out["frozen"])
+  assert isinstance(resumed.q.base.kernel, jqnn.QuantizedWeight)
+  np.testing.assert_array_equal(np.asarray(resumed(x)),
+                                np.asarray(nnx.merge(graphdef, lora, frozen)(x)))
+  # The next step from the restored state equals the next step of the uninterrupted run.
+  _, want = tx.update(grads, opt_state, lora)
+  _, got = tx.update(grads, out["opt"], out["lora"])
+  _assert_bit_exact(got, want)
+  # The adapters alone: a small checkpoint, loaded into a freshly quantized model.
+  fresh = _qlora_model()
+  nnx.update(fresh, ck.restore(tmp_path / "adapters", {"lora": nnx.state(fresh,
+                                                                        nnx.LoRAParam)})["lora"])
+  np.testing.assert_array_equal(np.asarray(fresh(x)), np.asarray(resumed(x)))
 
 
 # -- interrupted saves -------------------------------------------------------------------------
@@ -237,6 +264,8 @@ _CHILD = textwrap.dedent("""
     import numpy as np
     from orbax.checkpoint._src.path import atomicity
     from jaxquant import checkpoint as ck
+from jaxquant import nn as jqnn
+from jaxquant import optim as jqoptim
     mode, d = sys.argv[1], sys.argv[2]
 
     def tree(step):
