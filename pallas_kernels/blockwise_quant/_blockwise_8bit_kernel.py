@@ -94,7 +94,9 @@ def _dequantize_kernel(q_ref, absmax_ref, code_ref, out_ref, *, prog: Program, d
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "interpret", "config"))
 def quantize_8bit(x: jax.Array, code: jax.Array, *, blocksize: int, interpret: bool = False,
-                  config: KernelConfig | None = None) -> tuple[jax.Array, jax.Array]:
+                  config: KernelConfig | None = None,
+                  initial_outputs: tuple[jax.Array, jax.Array] | None = None,
+                  ) -> tuple[jax.Array, jax.Array]:
   """Blockwise 8-bit quantization (same contract as ``reference.quantize_8bit``).
 
   Args:
@@ -103,6 +105,7 @@ def quantize_8bit(x: jax.Array, code: jax.Array, *, blocksize: int, interpret: b
     blocksize: elements per block, a power of two in 16..4096.
     interpret: run in the Pallas interpreter instead of compiling for the GPU.
     config: launch parameters; default :data:`DEFAULT_CONFIG`.
+    initial_outputs: for tests, ``(codes, absmax)`` to start from (see ``_common.launch``).
 
   Returns:
     ``(codes, absmax)``: ``uint8 (n,)`` and ``float32 (ceil(n / blocksize),)``.
@@ -111,27 +114,26 @@ def quantize_8bit(x: jax.Array, code: jax.Array, *, blocksize: int, interpret: b
     raise ValueError(f"quantize_8bit kernel does not support x {x.dtype}{tuple(x.shape)}, "
                      f"code {tuple(code.shape)}, blocksize={blocksize!r}")
   config = config or DEFAULT_CONFIG
-  _common.silence_triton_deprecation()
   prog = Program.make(x.size, blocksize, config)
-  return pl.pallas_call(
+  q, absmax = _common.launch(
       functools.partial(_quantize_kernel, prog=prog, interpret=interpret),
-      grid=prog.grid,
+      prog=prog,
+      operands=[x.reshape(-1), code.astype(jnp.float32).reshape(-1)],
       in_specs=[pl.BlockSpec((prog.elems,), lambda i: (i,)),
                 pl.BlockSpec((256,), lambda i: (0,))],
       out_specs=[pl.BlockSpec((prog.elems,), lambda i: (i,)),
                  pl.BlockSpec((prog.rows,), lambda i: (i,))],
       out_shape=[jax.ShapeDtypeStruct((prog.n,), jnp.uint8),
                  jax.ShapeDtypeStruct((prog.n_blocks,), jnp.float32)],
-      compiler_params=_common.compiler_params(config),
-      interpret=interpret,
-      name=QUANTIZE_KERNEL_NAME,
-  )(x.reshape(-1), code.astype(jnp.float32).reshape(-1))
+      config=config, interpret=interpret, name=QUANTIZE_KERNEL_NAME,
+      initial_outputs=initial_outputs)
+  return q, absmax
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "dtype", "interpret", "config"))
 def dequantize_8bit(codes: jax.Array, absmax: jax.Array, code: jax.Array, *, blocksize: int,
-                    dtype, interpret: bool = False,
-                    config: KernelConfig | None = None) -> jax.Array:
+                    dtype, interpret: bool = False, config: KernelConfig | None = None,
+                    initial_output: jax.Array | None = None) -> jax.Array:
   """Inverse of :func:`quantize_8bit` (same contract as ``reference.dequantize_8bit``).
 
   Args:
@@ -142,6 +144,7 @@ def dequantize_8bit(codes: jax.Array, absmax: jax.Array, code: jax.Array, *, blo
     dtype: output dtype (float32/float16/bfloat16).
     interpret: run in the Pallas interpreter instead of compiling for the GPU.
     config: launch parameters; default :data:`DEFAULT_CONFIG`.
+    initial_output: for tests, ``(n,)`` of ``dtype`` to start from (see ``_common.launch``).
 
   Returns:
     ``(n,)`` of ``dtype``: ``dtype(code[q] * absmax[i // blocksize])``.
@@ -152,18 +155,17 @@ def dequantize_8bit(codes: jax.Array, absmax: jax.Array, code: jax.Array, *, blo
                      f"{tuple(codes.shape)}, absmax {tuple(absmax.shape)}, "
                      f"blocksize={blocksize!r}, dtype={dtype}")
   config = config or DEFAULT_CONFIG
-  _common.silence_triton_deprecation()
   prog = Program.make(codes.size, blocksize, config)
-  return pl.pallas_call(
+  [out] = _common.launch(
       functools.partial(_dequantize_kernel, prog=prog, dtype=dtype),
-      grid=prog.grid,
+      prog=prog,
+      operands=[codes.reshape(-1), absmax.astype(jnp.float32).reshape(-1),
+                code.astype(jnp.float32).reshape(-1)],
       in_specs=[pl.BlockSpec((prog.elems,), lambda i: (i,)),
                 pl.BlockSpec((prog.rows,), lambda i: (i,)),
                 pl.BlockSpec((256,), lambda i: (0,))],
-      out_specs=pl.BlockSpec((prog.elems,), lambda i: (i,)),
-      out_shape=jax.ShapeDtypeStruct((prog.n,), dtype),
-      compiler_params=_common.compiler_params(config),
-      interpret=interpret,
-      name=DEQUANTIZE_KERNEL_NAME,
-  )(codes.reshape(-1), absmax.astype(jnp.float32).reshape(-1),
-    code.astype(jnp.float32).reshape(-1))
+      out_specs=[pl.BlockSpec((prog.elems,), lambda i: (i,))],
+      out_shape=[jax.ShapeDtypeStruct((prog.n,), dtype)],
+      config=config, interpret=interpret, name=DEQUANTIZE_KERNEL_NAME,
+      initial_outputs=None if initial_output is None else [initial_output])
+  return out

@@ -17,13 +17,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["KernelConfig", "Program", "compiler_params", "reciprocal", "mul_rn", "rounded", "row_absmax",
+__all__ = ["KernelConfig", "Program", "launch", "compiler_params", "reciprocal", "mul_rn", "rounded", "row_absmax",
            "load_flat", "store_flat", "silence_triton_deprecation", "is_power_of_two",
            "INDEX_LIMIT"]
 
@@ -169,3 +170,51 @@ def store_flat(ref, value: jax.Array, prog: Program, limit: int) -> None:
     pltriton.store(ref, value, mask=mask)
   else:
     ref[...] = value
+
+
+def launch(kernel: Callable[..., None], *, prog: Program, operands: Sequence[jax.Array],
+           in_specs: Sequence[pl.BlockSpec], out_specs: Sequence[pl.BlockSpec],
+           out_shape: Sequence[jax.ShapeDtypeStruct], config: KernelConfig, interpret: bool,
+           name: str, initial_outputs: Sequence[jax.Array] | None = None) -> list[Any]:
+  """``pl.pallas_call`` over ``prog.grid`` with the family's conventions.
+
+  Args:
+    kernel: body taking the input refs then the output refs.
+    prog: launch geometry.
+    operands, in_specs: kernel inputs and their block specs.
+    out_specs, out_shape: outputs and their block specs.
+    config: launch parameters.
+    interpret: run in the Pallas interpreter.
+    name: the ``pallas_call``'s name (it appears in the lowered program).
+    initial_outputs: for tests: arrays the outputs start from (aliased to them), e.g. filled
+      with NaN / 0xFF so an element the kernel fails to write keeps its poison.
+
+  Returns:
+    The outputs, a list.
+  """
+  silence_triton_deprecation()
+  operands, in_specs = list(operands), list(in_specs)
+  aliases = {}
+  if initial_outputs is not None:
+    if [(o.shape, o.dtype) for o in initial_outputs] != [(o.shape, o.dtype) for o in out_shape]:
+      raise ValueError(f"initial_outputs must match the outputs {list(out_shape)}, got "
+                       f"{[(o.shape, o.dtype) for o in initial_outputs]}")
+    aliases = {len(operands) + i: i for i in range(len(out_shape))}
+    operands += list(initial_outputs)
+    in_specs += list(out_specs)
+  n_in = len(operands) - len(aliases)
+
+  def body(*refs):
+    kernel(*refs[:n_in], *refs[len(operands):])
+
+  return pl.pallas_call(
+      body,
+      grid=prog.grid,
+      in_specs=in_specs,
+      out_specs=list(out_specs),
+      out_shape=list(out_shape),
+      input_output_aliases=aliases,
+      compiler_params=compiler_params(config),
+      interpret=interpret,
+      name=name,
+  )(*operands)

@@ -80,7 +80,8 @@ def dequantize_4bit(packed: jax.Array, absmax: jax.Array, code: jax.Array,
                     nested_absmax: jax.Array | None = None, nested_code: jax.Array | None = None,
                     offset: jax.Array | None = None, *, blocksize: int, n: int, dtype,
                     nested_blocksize: int = 256, interpret: bool = False,
-                    config: KernelConfig | None = None) -> jax.Array:
+                    config: KernelConfig | None = None,
+                    initial_output: jax.Array | None = None) -> jax.Array:
   """Inverse of 4-bit quantization (same contract as ``reference.dequantize_4bit``).
 
   Args:
@@ -96,6 +97,7 @@ def dequantize_4bit(packed: jax.Array, absmax: jax.Array, code: jax.Array,
     nested_blocksize: absmax entries per ``nested_absmax`` value.
     interpret: run in the Pallas interpreter instead of compiling for the GPU.
     config: launch parameters; default :data:`DEFAULT_CONFIG`.
+    initial_output: for tests, ``(n,)`` of ``dtype`` to start from (see ``_common.launch``).
 
   Returns:
     ``(n,)`` of ``dtype``: ``dtype(code[q] * absmax[i // blocksize])``.
@@ -108,7 +110,6 @@ def dequantize_4bit(packed: jax.Array, absmax: jax.Array, code: jax.Array,
                      f"{tuple(packed.shape)}, absmax {absmax.dtype}{tuple(absmax.shape)}, "
                      f"n={n}, blocksize={blocksize}, dtype={dtype}")
   config = config or DEFAULT_CONFIG
-  _common.silence_triton_deprecation()
   prog = Program.make(n, blocksize, config)
   nested = nested_absmax is not None
   operands = [packed.reshape(-1), absmax.reshape(-1), code.astype(jnp.float32).reshape(-1)]
@@ -122,15 +123,12 @@ def dequantize_4bit(packed: jax.Array, absmax: jax.Array, code: jax.Array,
     in_specs += [pl.BlockSpec((operands[3].size,), lambda i: (0,)),
                  pl.BlockSpec((256,), lambda i: (0,)),
                  pl.BlockSpec((1,), lambda i: (0,))]
-  kernel = functools.partial(_kernel, prog=prog, dtype=dtype, nested=nested,
-                             nested_blocksize=nested_blocksize, interpret=interpret)
-  return pl.pallas_call(
-      kernel,
-      grid=prog.grid,
-      in_specs=in_specs,
-      out_specs=pl.BlockSpec((prog.elems,), lambda i: (i,)),
-      out_shape=jax.ShapeDtypeStruct((n,), dtype),
-      compiler_params=_common.compiler_params(config),
-      interpret=interpret,
-      name=KERNEL_NAME,
-  )(*operands)
+  [out] = _common.launch(
+      functools.partial(_kernel, prog=prog, dtype=dtype, nested=nested,
+                        nested_blocksize=nested_blocksize, interpret=interpret),
+      prog=prog, operands=operands, in_specs=in_specs,
+      out_specs=[pl.BlockSpec((prog.elems,), lambda i: (i,))],
+      out_shape=[jax.ShapeDtypeStruct((n,), dtype)],
+      config=config, interpret=interpret, name=KERNEL_NAME,
+      initial_outputs=None if initial_output is None else [initial_output])
+  return out

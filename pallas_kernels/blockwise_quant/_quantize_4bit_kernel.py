@@ -73,7 +73,9 @@ def _kernel(x_ref, thr_ref, codes_ref, q_ref, absmax_ref, *, prog: Program, quan
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "quant_type", "interpret", "config"))
 def quantize_4bit(x: jax.Array, *, blocksize: int, quant_type: str, interpret: bool = False,
-                  config: KernelConfig | None = None) -> tuple[jax.Array, jax.Array]:
+                  config: KernelConfig | None = None,
+                  initial_outputs: tuple[jax.Array, jax.Array] | None = None,
+                  ) -> tuple[jax.Array, jax.Array]:
   """Blockwise 4-bit quantization (same contract as ``reference.quantize_4bit``).
 
   Args:
@@ -83,6 +85,7 @@ def quantize_4bit(x: jax.Array, *, blocksize: int, quant_type: str, interpret: b
     interpret: run the kernel in the Pallas interpreter (any backend) instead of compiling it
       for the GPU.
     config: launch parameters; default :data:`DEFAULT_CONFIG`.
+    initial_outputs: for tests, ``(packed, absmax)`` to start from (see ``_common.launch``).
 
   Returns:
     ``(packed, absmax)``: ``uint8 ((n + 1) // 2,)`` and ``float32 (ceil(n / blocksize),)``.
@@ -91,22 +94,18 @@ def quantize_4bit(x: jax.Array, *, blocksize: int, quant_type: str, interpret: b
     raise ValueError(f"quantize_4bit kernel does not support x {x.dtype}{tuple(x.shape)}, "
                      f"blocksize={blocksize!r}, quant_type={quant_type!r}")
   config = config or DEFAULT_CONFIG
-  _common.silence_triton_deprecation()
   prog = Program.make(x.size, blocksize, config)
   thr, codes = _encode4.encoder_tables(quant_type)
   table_spec = pl.BlockSpec((_encode4.TABLE_SIZE,), lambda i: (0,))
-  kernel = functools.partial(_kernel, prog=prog, quant_type=quant_type, encoder=config.encoder,
-                             interpret=interpret)
-  return pl.pallas_call(
-      kernel,
-      grid=prog.grid,
+  packed, absmax = _common.launch(
+      functools.partial(_kernel, prog=prog, quant_type=quant_type, encoder=config.encoder,
+                        interpret=interpret),
+      prog=prog,
+      operands=[x.reshape(-1), jnp.asarray(thr), jnp.asarray(codes)],
       in_specs=[pl.BlockSpec((prog.elems,), lambda i: (i,)), table_spec, table_spec],
       out_specs=[pl.BlockSpec((prog.elems // 2,), lambda i: (i,)),
                  pl.BlockSpec((prog.rows,), lambda i: (i,))],
       out_shape=[jax.ShapeDtypeStruct(((prog.n + 1) // 2,), jnp.uint8),
                  jax.ShapeDtypeStruct((prog.n_blocks,), jnp.float32)],
-      compiler_params=_common.compiler_params(config),
-      interpret=interpret,
-      name=KERNEL_NAME,
-  )(x.reshape(-1), jnp.asarray(thr), jnp.asarray(codes))
-
+      config=config, interpret=interpret, name=KERNEL_NAME, initial_outputs=initial_outputs)
+  return packed, absmax

@@ -4,7 +4,8 @@ Semantics are those of bitsandbytes' CUDA kernels (``kQuantizeBlockwise``,
 ``kDequantizeBlockwise``), byte for byte:
 
 * the input is flattened row-major and cut into blocks of ``blocksize`` elements, the last
-  one possibly partial; ``absmax[b] = max |x|`` over the block, in float32;
+  one possibly partial; ``absmax[b] = max |x|`` over the block, in float32 (NaN when the block
+  holds a NaN);
 * each element is scaled as ``float32(x) * (1 / absmax[b])`` (a float32 reciprocal, no clamp;
   an all-zero block gives ``0 * inf = NaN``, which every quantizer maps to code 0);
 * 4-bit: NF4 takes the number of NF4 thresholds strictly below the scaled value; FP4 takes a
@@ -54,14 +55,25 @@ def _blocks(x: jax.Array, blocksize: int) -> jax.Array:
   return jnp.pad(x, (0, n_blocks * blocksize - x.size)).reshape(n_blocks, blocksize)
 
 
+def _row_absmax(blocks: jax.Array) -> jax.Array:
+  """``max |x|`` over the last axis of float32 ``blocks``; NaN if the row holds a NaN.
+
+  Taken over the bit patterns of ``|x|`` (for non-negative floats the int32 order is the float
+  order, and NaNs sort above +inf): a float max reduction propagates NaN on some backends
+  and not others (XLA on the CPU drops it depending on its position)."""
+  bits = jax.lax.bitcast_convert_type(blocks, jnp.int32) & jnp.int32(0x7FFFFFFF)
+  return jax.lax.bitcast_convert_type(jnp.max(bits, axis=-1), jnp.float32)
+
+
 def block_absmax(x: jax.Array, blocksize: int) -> jax.Array:
-  """``max |x|`` per block of ``blocksize`` consecutive elements: ``(ceil(n / bs),)`` f32."""
-  return jnp.max(jnp.abs(_blocks(x, blocksize)), axis=1)
+  """``max |x|`` per block of ``blocksize`` consecutive elements: ``(ceil(n / bs),)`` f32
+  (NaN for a block holding a NaN)."""
+  return _row_absmax(_blocks(x, blocksize))
 
 
 def _scaled_blocks(x: jax.Array, blocksize: int) -> tuple[jax.Array, jax.Array]:
   blocks = _blocks(x, blocksize)
-  absmax = jnp.max(jnp.abs(blocks), axis=1)
+  absmax = _row_absmax(blocks)
   recip = jnp.float32(1.0) / absmax
   return blocks * recip[:, None], absmax
 
