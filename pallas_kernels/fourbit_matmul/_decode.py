@@ -27,7 +27,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.fourbit_matmul import _lut
 
 __all__ = ["Layout", "WeightRefs", "Decoder", "operands", "split_refs", "load_absmax",
-           "masked_load", "dot_precision", "launch"]
+           "masked_load", "dot_precision", "launch", "reduce_partials"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,3 +198,11 @@ def launch(kernel, out: jax.ShapeDtypeStruct, grid: tuple[int, ...], args: tuple
       name=name,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
   )(*args)
+
+
+def reduce_partials(partials: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
+  """Split-K epilogue: ``(s, m, n)`` float32 partial sums → ``(m, n)`` in ``dtype``, + bias."""
+  y = partials.sum(axis=0)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)[None, :]
+  return y.astype(dtype)

@@ -1,12 +1,13 @@
-"""Large-M forward fallback: decode the weight to ``(N, K)`` in one pass, then a library dot.
+"""Large-M fallback: decode the weight to ``(N, K)`` in one pass, then a library dot.
 
 At large M the product is bound by the tensor cores, and a dot fed from a decoded-in-kernel
-tile pays the decode once per row block of ``x``. Where the tuning table finds it faster,
-the forward pass instead decodes the packed weight once, with the same register decode as
-the fused kernels (:class:`._decode.Decoder`), into a transient ``(N, K)`` array in
-``x.dtype`` and hands it to XLA's dot (cuBLAS). It costs one extra write and read of the
-dense weight (``4 N K`` bytes in bf16): about 7% of the product at ``M = 4096``,
-``N = K = 8192`` on an H100. The backward kernel never does this.
+tile pays the decode once per row block of ``x``: with Triton's pipelining that costs more
+than the product itself (see the tuning results). Where the tuning table finds it faster,
+the packed weight is instead decoded once, with the same register decode as the fused kernels
+(:class:`._decode.Decoder`), into a transient ``(N, K)`` array in the activation dtype that
+XLA's dot (cuBLAS) consumes. It costs one extra write and read of the dense weight (``4 N K``
+bytes in bf16). This writes the dequantized weight to HBM: only the tuning table chooses it,
+per shape, and only where it is the faster path.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.fourbit_matmul import _decode
 from pallas_kernels.fourbit_matmul._tuning import Config
 
-__all__ = ["dequantize_then_dot", "KERNEL_NAME"]
+__all__ = ["dequantize", "dequantize_then_dot", "dequantize_then_dot_grad", "KERNEL_NAME"]
 
 KERNEL_NAME = "jaxquant_matmul_4bit_dequant"
 
@@ -42,31 +43,46 @@ def _kernel(*refs, layout: _decode.Layout, block_n: int, nested: bool, interpret
     pltriton.store(dest, tile, mask=row_mask[:, None])
 
 
-def dequantize_then_dot(x: jax.Array, weights: tuple[jax.Array, ...], bias: jax.Array | None, *,
-                        layout: _decode.Layout, config: Config, interpret: bool = False,
-                        poison: bool = False) -> jax.Array:
-  """``x (m, k) @ W.T (+ bias)`` in ``x.dtype`` through a decoded ``(n, k)`` weight.
+def dequantize(weights: tuple[jax.Array, ...], dtype, *, layout: _decode.Layout,
+               config: Config, interpret: bool = False, poison: bool = False) -> jax.Array:
+  """The ``(n, k)`` weight in ``dtype``, decoded in ``(block_n, block_k)`` tiles.
 
   Args:
-    x: ``(m, k)`` float32/float16/bfloat16.
     weights: :func:`_decode.operands` for ``layout``.
-    bias: ``(n,)`` or ``None``.
+    dtype: float32, float16 or bfloat16.
     layout: the weight layout; ``layout.block_k == config.block_k``.
     config: a ``"dq_dot"`` :class:`Config` (``block_n``, ``block_k``: the decode tile).
     interpret: run the kernel in the Pallas interpreter.
-    poison: fill the decoded weight with NaN first (tests: every element must be written).
-
-  Returns:
-    ``(m, n)`` in ``x.dtype``.
+    poison: fill the output with NaN first (tests: every element must be written).
   """
   kernel = functools.partial(_kernel, layout=layout, block_n=config.block_n,
                              nested=len(weights) == 7, interpret=interpret)
   grid = (pl.cdiv(layout.n, config.block_n), layout.k // config.block_k)
-  w = _decode.launch(kernel, jax.ShapeDtypeStruct((layout.n, layout.k), x.dtype), grid,
-                     weights, name=KERNEL_NAME, num_warps=config.num_warps,
-                     num_stages=config.num_stages, interpret=interpret, poison=poison)
+  return _decode.launch(kernel, jax.ShapeDtypeStruct((layout.n, layout.k), dtype), grid,
+                        weights, name=KERNEL_NAME, num_warps=config.num_warps,
+                        num_stages=config.num_stages, interpret=interpret, poison=poison)
+
+
+def dequantize_then_dot(x: jax.Array, weights: tuple[jax.Array, ...], bias: jax.Array | None, *,
+                        layout: _decode.Layout, config: Config, interpret: bool = False,
+                        poison: bool = False) -> jax.Array:
+  """``x (m, k) @ W.T (+ bias)`` in ``x.dtype`` through a decoded ``(n, k)`` weight
+  (arguments as :func:`dequantize`, ``bias``: ``(n,)`` or ``None``)."""
+  w = dequantize(weights, x.dtype, layout=layout, config=config, interpret=interpret,
+                 poison=poison)
   y = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), precision=_decode.dot_precision(
       x.dtype), preferred_element_type=jnp.float32)
   if bias is not None:
     y = y + bias.astype(jnp.float32)[None, :]
   return y.astype(x.dtype)
+
+
+def dequantize_then_dot_grad(g: jax.Array, weights: tuple[jax.Array, ...], *,
+                             layout: _decode.Layout, config: Config, interpret: bool = False,
+                             poison: bool = False) -> jax.Array:
+  """``g (m, n) @ W (n, k)`` in ``g.dtype`` through a decoded weight (as :func:`dequantize`)."""
+  w = dequantize(weights, g.dtype, layout=layout, config=config, interpret=interpret,
+                 poison=poison)
+  y = jax.lax.dot_general(g, w, (((1,), (0,)), ((), ())), precision=_decode.dot_precision(
+      g.dtype), preferred_element_type=jnp.float32)
+  return y.astype(g.dtype)

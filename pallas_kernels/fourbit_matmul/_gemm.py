@@ -7,7 +7,9 @@ quantization, cast to ``x.dtype`` exactly as the reference rounds) and feeds bot
 ``dot`` with float32 accumulation. With ``w_lhs`` the decoded tile is the left operand, so it
 can stay in registers (Hopper's wgmma takes A from registers) and the output tile is
 transposed on store. Programs are ordered in groups of ``group_m`` along M so that those
-decoding the same weight tiles run together and share them through L2.
+decoding the same weight tiles run together and share them through L2. With ``split_k > 1``
+(small M: more programs than output tiles) each program reduces one slice of K and writes
+float32 partial sums, added afterwards.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def _kernel(*refs, layout: _decode.Layout, m: int, cfg: Config, nested: bool,
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   pid_m, pid_n = grouped_ids(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(layout.n, bn),
                              cfg.group_m)
+  split = cfg.split_k > 1
+  steps = layout.k // bk // cfg.split_k
+  first_step = pl.program_id(1) * steps
   m0, n0 = pid_m * bm, pid_n * bn
   m_rows = m0 + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)
   n_rows = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
@@ -54,7 +59,8 @@ def _kernel(*refs, layout: _decode.Layout, m: int, cfg: Config, nested: bool,
   precision = _decode.dot_precision(dtype)
   decoder = _decode.Decoder.create(w, layout, dtype, interpret)
 
-  def body(step, acc):
+  def body(t, acc):
+    step = first_step + t
     x_tile = x_ref.at[pl.ds(m0, bm), pl.ds(step * bk, bk)]
     xt = _decode.masked_load(x_tile, None if m_mask is None else m_mask[:, None])
     wt = decoder.tile(n0, bn, step, n_mask)
@@ -65,13 +71,16 @@ def _kernel(*refs, layout: _decode.Layout, m: int, cfg: Config, nested: bool,
                                       preferred_element_type=jnp.float32)
 
   shape = (bn, bm) if cfg.w_lhs else (bm, bn)
-  acc = jax.lax.fori_loop(0, layout.k // bk, body, jnp.zeros(shape, jnp.float32))
+  acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(shape, jnp.float32))
   if cfg.w_lhs:
     acc = acc.T
-  if has_bias:
+  if has_bias and not split:
     acc = acc + _decode.masked_load(bias_ref.at[pl.ds(n0, bn)], n_mask).astype(
         jnp.float32)[None, :]
-  dest = o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)]
+  if split:
+    dest = o_ref.at[pl.program_id(1), pl.ds(m0, bm), pl.ds(n0, bn)]
+  else:
+    dest = o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)]
   if m_mask is None and n_mask is None:
     dest[...] = acc.astype(o_ref.dtype)
   else:
@@ -103,8 +112,11 @@ def gemm(x: jax.Array, weights: tuple[jax.Array, ...], bias: jax.Array | None, *
   m = x.shape[0]
   kernel = functools.partial(_kernel, layout=layout, m=m, cfg=config, nested=len(weights) == 7,
                              has_bias=bias is not None, interpret=interpret)
-  grid = (pl.cdiv(m, config.block_m) * pl.cdiv(layout.n, config.block_n),)
+  s = config.split_k
+  grid = (pl.cdiv(m, config.block_m) * pl.cdiv(layout.n, config.block_n), s)
   args = (x, *weights) + ((bias,) if bias is not None else ())
-  return _decode.launch(kernel, jax.ShapeDtypeStruct((m, layout.n), x.dtype), grid, args,
-                        name=KERNEL_NAME, num_warps=config.num_warps,
-                        num_stages=config.num_stages, interpret=interpret, poison=poison)
+  out = (jax.ShapeDtypeStruct((s, m, layout.n), jnp.float32) if s > 1 else
+         jax.ShapeDtypeStruct((m, layout.n), x.dtype))
+  y = _decode.launch(kernel, out, grid, args, name=KERNEL_NAME, num_warps=config.num_warps,
+                     num_stages=config.num_stages, interpret=interpret, poison=poison)
+  return _decode.reduce_partials(y, bias, x.dtype) if s > 1 else y

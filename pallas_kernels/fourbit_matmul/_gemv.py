@@ -35,22 +35,22 @@ def _kernel(*refs, layout: _decode.Layout, m: int, block_n: int, steps: int, nes
   r0 = pid_n * block_n
   rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (block_n,), 0)
   row_mask = rows < layout.n if mask_rows else None
-  nb = layout.sub_blocks
+  bk = layout.block_k
   decoder = _decode.Decoder.create(w, layout, x_ref.dtype, interpret)
 
   def body(t, accs):
     step = pid_s * steps + t
-    wt = decoder.values(r0, block_n, step, row_mask).astype(jnp.float32)
+    wt = decoder.tile(r0, block_n, step, row_mask).astype(jnp.float32)
     out = []
     for i in range(m):
-      xt = x_ref[jnp.int32(i), pl.ds(step * nb, nb), :].astype(jnp.float32)
-      out.append(accs[i] + wt * xt[None])
+      xt = x_ref[jnp.int32(i), pl.ds(step * bk, bk)].astype(jnp.float32)
+      out.append(accs[i] + wt * xt[None, :])
     return tuple(out)
 
-  init = tuple(jnp.zeros((block_n, nb, layout.group), jnp.float32) for _ in range(m))
+  init = tuple(jnp.zeros((block_n, bk), jnp.float32) for _ in range(m))
   accs = jax.lax.fori_loop(0, steps, body, init)
   for i in range(m):
-    y = accs[i].sum(axis=2).sum(axis=1)
+    y = accs[i].sum(axis=1)
     if split:
       dest = o_ref.at[pid_s, jnp.int32(i), pl.ds(r0, block_n)]
     else:
@@ -91,14 +91,9 @@ def gemv(x: jax.Array, weights: tuple[jax.Array, ...], bias: jax.Array | None, *
       has_bias=bias is not None, mask_rows=n % bn != 0, split=split, interpret=interpret)
   out = jax.ShapeDtypeStruct((s, m, n) if split else (m, n),
                              jnp.float32 if split else x.dtype)
-  args = (x.reshape(m, k // layout.group, layout.group), *weights)
+  args = (x, *weights)
   args += (bias,) if bias is not None else ()
   y = _decode.launch(kernel, out, (pl.cdiv(n, bn), s), args, name=KERNEL_NAME,
                      num_warps=config.num_warps, num_stages=config.num_stages,
                      interpret=interpret, poison=poison)
-  if not split:
-    return y
-  y = y.sum(axis=0)
-  if bias is not None:
-    y = y + bias.astype(jnp.float32)[None, :]
-  return y.astype(x.dtype)
+  return _decode.reduce_partials(y, bias, x.dtype) if split else y

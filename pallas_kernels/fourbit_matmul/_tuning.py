@@ -36,7 +36,8 @@ class Config:
     block_n: weight rows per program (forward) or per reduction step (backward).
     block_k: reduction (forward) or output (backward) columns per step, a power of two that
       is a multiple or a divisor of the blocksize.
-    split_k: programs sharing one row block's reduction (gemv; partial sums added after).
+    split_k: programs sharing one output tile's reduction (gemv, gemm; float32 partial sums
+      added after).
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining depth.
     w_lhs: the decoded weight tile is the left operand of the tensor-core product (stays in
@@ -76,9 +77,9 @@ def valid(cfg: Config, m: int, n: int, k: int, blocksize: int) -> bool:
     return False
   if not (bk % blocksize == 0 or blocksize % bk == 0) or min(bk, blocksize) < 32:
     return False
-  if cfg.kernel == "gemv":
-    return (k // bk) % cfg.split_k == 0
-  if cfg.kernel == "dq_dot":
+  if (k // bk) % cfg.split_k:
+    return False
+  if cfg.kernel in ("gemv", "dq_dot"):
     return True
   return min(cfg.block_m, cfg.block_n, bk) >= 16
 

@@ -5,8 +5,9 @@ Implementations of ``"matmul_4bit"`` and ``"matmul_4bit_grad_input"``:
 - ``"xla"``: the pure-jnp reference.
 - ``"pallas"``: the Triton kernels compiled for a CUDA GPU: :mod:`._gemv` for a few rows of
   ``x``, :mod:`._gemm` for more, :mod:`._dequant` (decode once, then XLA's dot) where the
-  tuned table found that faster at large M, :mod:`._grad_input` for the backward pass; the
-  choice and block sizes come from :mod:`._tuning`. Where the table found the XLA reference
+  tuned table found that faster at large M, :mod:`._grad_input` for the backward pass (or,
+  again where the table found it faster, decode-then-dot); the choice and block sizes come
+  from :mod:`._tuning`. Where the table found the XLA reference
   faster for a shape, ``supports`` is false there and dispatch takes ``"xla"``.
 - ``"interpret"``: the same kernels run by the Pallas interpreter (any backend).
 """
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _registry
 from pallas_kernels.fourbit_matmul import _decode, _tuning, reference
-from pallas_kernels.fourbit_matmul._dequant import dequantize_then_dot
+from pallas_kernels.fourbit_matmul._dequant import dequantize_then_dot, dequantize_then_dot_grad
 from pallas_kernels.fourbit_matmul._gemm import gemm
 from pallas_kernels.fourbit_matmul._gemv import gemv
 from pallas_kernels.fourbit_matmul._grad_input import grad_input
@@ -112,7 +113,8 @@ def matmul_4bit_grad_input(g: jax.Array, packed: jax.Array, absmax: jax.Array,
                                             blocksize=blocksize, nested=nested)
   layout = _layout(shape, blocksize, nested, cfg.block_k)
   weights = _decode.operands(packed, absmax, code, nested, layout, g.dtype)
-  dx = grad_input(g2, weights, layout=layout, config=cfg, interpret=interpret, poison=poison)
+  kernel = dequantize_then_dot_grad if cfg.kernel == "dq_dot" else grad_input
+  dx = kernel(g2, weights, layout=layout, config=cfg, interpret=interpret, poison=poison)
   return dx.reshape(*g.shape[:-1], k)
 
 

@@ -41,9 +41,9 @@ class Case:
 
 
 # A covering subset: every M, blocksize, code, dtype and nesting appears, and every kernel
-# (gemv with and without split-K, gemm with either operand order, dequantize-then-dot); N and
-# K are not multiples of the tiles where the kernels mask; block_k below, at and above the
-# blocksize.
+# (gemv and gemm with and without split-K, gemm with either operand order, dequantize-then-dot
+# both ways); N and K are not multiples of the tiles where the kernels mask; block_k below, at
+# and above the blocksize.
 CASES = [
     Case((1,), 200, 320, 64, "nf4", True, jnp.bfloat16, True,
          Config("gemv", block_n=64, block_k=64, num_stages=1),
@@ -55,14 +55,14 @@ CASES = [
          Config("gemm", block_m=16, block_n=64, block_k=128, w_lhs=True),
          Config("gemm", block_m=16, block_n=64, block_k=64)),
     Case((4, 25), 130, 256, 256, "fp4", True, jnp.bfloat16, True,
-         Config("gemm", block_m=32, block_n=32, block_k=64),
+         Config("gemm", block_m=32, block_n=32, block_k=64, split_k=2),
          Config("gemm", block_m=64, block_n=32, block_k=128, w_lhs=True)),
     Case((512,), 64, 128, 64, "nf4", False, jnp.float32, False,
          Config("dq_dot", block_n=32, block_k=128),
          Config("gemm", block_m=128, block_n=16, block_k=64, group_m=2)),
     Case((16,), 72, 512, 256, "nf4", True, jnp.bfloat16, False,
          Config("gemv", block_n=16, block_k=512),
-         Config("gemm", block_m=16, block_n=16, block_k=256)),
+         Config("dq_dot", block_n=16, block_k=256)),
 ]
 IDS = [f"M{int(np.prod(c.lead))}-{c.n}x{c.k}-bs{c.blocksize}-{c.quant_type}"
        f"{'-dq' if c.nested else ''}-{jnp.dtype(c.dtype).name}" for c in CASES]
@@ -180,6 +180,7 @@ def test_kernels_match_reference_gpu(case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=IDS)
+@jax.default_matmul_precision("highest")
 def test_dispatch_runs_the_kernels_gpu(case):
   state, x, g, bias = _inputs(case, seed=21)
   fwd = lambda x: jq.matmul_4bit(x, state, bias, backend="pallas")  # noqa: E731
