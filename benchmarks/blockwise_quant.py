@@ -1,0 +1,210 @@
+"""W3 of TARGETS.md: quantize / dequantize one 8192x8192 bf16 weight to NF4, blocksize 64.
+
+Prints, per operation, the median time of jaxquant's Pallas kernels, of the naive jnp
+reference and of a bf16 copy of the weight measured in the same run, next to the floor
+(bytes moved / 3.0 TB/s) and the target; also a memory-only Pallas kernel with the same bytes in
+and out (what a Triton kernel of this shape can stream), a sweep of launch configurations, the
+8-bit blockwise kernels, and the relative Frobenius error on N(0, 0.02^2) weights.
+
+Run on the GPU from the repository root::
+
+  PYTHONPATH=$PWD python3 benchmarks/blockwise_quant.py --out benchmarks/results/blockwise_quant.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+import jaxquant as jq
+from benchmarks._timing import distinct_inputs, report_env, time_calls
+from pallas_kernels.blockwise_quant import _common, _dequantize_4bit_kernel, _quantize_4bit_kernel
+from pallas_kernels.blockwise_quant import api as blockwise_api
+from pallas_kernels.blockwise_quant import reference
+from pallas_kernels.blockwise_quant._common import KernelConfig
+
+SIZE = 8192  # W3: one 8192 x 8192 weight
+BLOCKSIZE = 64
+HBM_BYTES_PER_S = 3.0e12  # TARGETS.md ceiling (bytes read + written)
+TARGET_US = {"quantize": 80.0, "dequantize": 70.0}
+SWEEP = [(4096, 4), (8192, 4), (8192, 8), (16384, 4), (16384, 8), (32768, 8), (32768, 16)]
+
+
+def _stream_kernel(x_ref, o_ref, *, shrink: bool):
+  x = x_ref[...]
+  if shrink:  # bf16 → one byte per pair, same bytes as 4-bit quantize's data
+    v = jax.lax.bitcast_convert_type(x, jnp.int16).astype(jnp.int32)
+    o_ref[...] = jnp.sum(v.reshape(-1, 2), axis=1).astype(jnp.uint8)
+  else:  # byte → two bf16, same bytes as 4-bit dequantize
+    v = jnp.broadcast_to(x.astype(jnp.float32).reshape(-1, 1), (x.shape[0], 2))
+    o_ref[...] = v.reshape(-1).astype(jnp.bfloat16)
+
+
+def stream(x, *, shrink: bool, elems: int = 8192, num_warps: int = 4, interpret: bool = False):
+  """Memory-only Pallas kernel with quantize's (``shrink``) or dequantize's bytes in and out."""
+  n_in = x.size
+  block_in = elems if shrink else elems // 2
+  block_out = elems // 2 if shrink else elems
+  out = ((n_in // 2,), jnp.uint8) if shrink else ((n_in * 2,), jnp.bfloat16)
+  return pl.pallas_call(
+      functools.partial(_stream_kernel, shrink=shrink), grid=(n_in // block_in,),
+      in_specs=[pl.BlockSpec((block_in,), lambda i: (i,))],
+      out_specs=pl.BlockSpec((block_out,), lambda i: (i,)),
+      out_shape=jax.ShapeDtypeStruct(*out),
+      compiler_params=_common.compiler_params(KernelConfig(num_warps=num_warps)),
+      interpret=interpret, name="bench_stream")(x.reshape(-1))
+
+
+def _fmt(row):
+  return " | ".join(str(v) for v in row)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="benchmarks/results/blockwise_quant.json")
+  parser.add_argument("--reps", type=int, default=30)
+  parser.add_argument("--no-sweep", action="store_true")
+  parser.add_argument("--size", type=int, default=SIZE, help="rows = columns (smoke tests)")
+  parser.add_argument("--interpret", action="store_true", help="smoke tests on CPU only")
+  args = parser.parse_args(argv)
+  reps = args.reps
+  size = args.size
+  it = args.interpret
+
+  weights = distinct_inputs(
+      lambda k: (0.02 * jax.random.normal(k, (size, size), jnp.float32)).astype(jnp.bfloat16), 8)
+  ws = [(w,) for w in weights]
+  results = {"env": report_env(), "shape": [size, size], "blocksize": BLOCKSIZE, "quant_type": "nf4"}
+
+  copy_t = time_calls(jax.jit(lambda w: -w), ws, reps=reps)
+  copy_bytes = 2 * size * size * 2
+  results["bf16_copy"] = {**copy_t.as_dict(), "bytes": copy_bytes,
+                          "tb_per_s": copy_bytes / copy_t.median_us / 1e6}
+
+  n = size * size
+  q_bytes = n * 2 + n // 2 + (n // BLOCKSIZE) * 4  # read bf16, write nibbles + f32 absmax
+  dq_bytes_nested = n // 2 + n // BLOCKSIZE + n * 2
+
+  quantize = jax.jit(lambda w: jq.quantize_4bit(w, BLOCKSIZE, False, "nf4"))
+  quantize_dq = jax.jit(lambda w: jq.quantize_4bit(w, BLOCKSIZE, True, "nf4"))
+  naive_q = jax.jit(lambda w: jq.quantize_4bit(w, BLOCKSIZE, False, "nf4", backend="xla"))
+  states = [quantize(w) for w in weights]
+  states_dq = [quantize_dq(w) for w in weights]
+  dequantize = jax.jit(jq.dequantize_4bit)
+  naive_dq = jax.jit(lambda s: jq.dequantize_4bit(s, backend="xla"))
+
+  # Correctness on the benchmark weights: the kernels' bytes equal the reference's.
+  ref_state = naive_q(weights[0])
+  exact = {
+      "quantize_data": bool(jnp.array_equal(states[0].data, ref_state.data)),
+      "quantize_absmax": bool(jnp.array_equal(states[0].absmax, ref_state.absmax)),
+      "dequantize": bool(jnp.array_equal(dequantize(states_dq[0]), naive_dq(states_dq[0]))),
+  }
+  cpu = jax.devices("cpu")[0]
+  w_cpu = jax.device_put(weights[0], cpu)
+  with jax.default_device(cpu):
+    cpu_packed, cpu_absmax = jax.jit(functools.partial(
+        reference.quantize_4bit, blocksize=BLOCKSIZE, quant_type="nf4"))(w_cpu)
+  exact["quantize_vs_cpu_reference"] = bool(
+      np.array_equal(np.asarray(states[0].data).ravel(), np.asarray(cpu_packed))
+      and np.array_equal(np.asarray(states[0].absmax).ravel(), np.asarray(cpu_absmax)))
+  results["exact"] = exact
+
+  def in_program(fn, arg, op):
+    return blockwise_api.KERNEL_NAMES[op] in jax.jit(fn).lower(arg).compile().as_text()
+  results["kernel_in_compiled_hlo"] = {
+      "quantize_4bit": in_program(quantize, weights[0], "quantize_4bit"),
+      "dequantize_4bit": in_program(dequantize, states_dq[0], "dequantize_4bit"),
+  }
+
+  timings = {
+      "quantize": time_calls(quantize, ws, reps=reps),
+      "quantize_double_quant": time_calls(quantize_dq, ws, reps=reps),
+      "quantize_naive_jnp": time_calls(naive_q, ws, reps=3, warmup=1),
+      "quantize_stream_only": time_calls(jax.jit(functools.partial(stream, shrink=True, interpret=it)), ws,
+                                         reps=reps),
+      "dequantize": time_calls(dequantize, [(s,) for s in states], reps=reps),
+      "dequantize_double_quant": time_calls(dequantize, [(s,) for s in states_dq], reps=reps),
+      "dequantize_naive_jnp": time_calls(naive_dq, [(s,) for s in states_dq], reps=reps),
+      "dequantize_stream_only": time_calls(jax.jit(functools.partial(stream, shrink=False, interpret=it)),
+                                           [(s.data,) for s in states], reps=reps),
+  }
+  results["timings_us"] = {k: v.as_dict() for k, v in timings.items()}
+
+  w32 = weights[0].astype(jnp.float32)
+  for name, st in (("nf4", states[0]), ("nf4_double_quant", states_dq[0])):
+    err = jnp.linalg.norm(dequantize(st).astype(jnp.float32) - w32) / jnp.linalg.norm(w32)
+    results.setdefault("rel_frobenius_error", {})[name] = float(err)
+
+  floors = {"quantize": q_bytes / HBM_BYTES_PER_S * 1e6,
+            "dequantize": dq_bytes_nested / HBM_BYTES_PER_S * 1e6}
+  results["floor_us"] = floors
+  results["target_us"] = TARGET_US
+  print(f"W3 on {results['env']['device']} (jax {results['env']['jax']}): {size}x{size} bf16 -> NF4,"
+        f" blocksize 64; median us over {reps} reps x 8 weights")
+  print(_fmt(["op", "jaxquant", "+double quant", "naive jnp", "memory-only Pallas",
+              "bf16 copy", "floor", "target", "met"]))
+  for op in ("quantize", "dequantize"):
+    t = timings[op].median_us
+    print(_fmt([op, f"{t:.1f}", f"{timings[op + '_double_quant'].median_us:.1f}",
+                f"{timings[op + '_naive_jnp'].median_us:.1f}",
+                f"{timings[op + '_stream_only'].median_us:.1f}", f"{copy_t.median_us:.1f}",
+                f"{floors[op]:.1f}", f"<= {TARGET_US[op]:.0f}", t <= TARGET_US[op]]))
+  print("relative Frobenius error:", results["rel_frobenius_error"])
+  print("exact:", exact, "kernel in compiled HLO:", results["kernel_in_compiled_hlo"])
+
+  q8 = jax.jit(lambda w: jq.quantize_blockwise(w, blocksize=256))
+  q8_naive = jax.jit(lambda w: jq.quantize_blockwise(w, blocksize=256, backend="xla"))
+  s8 = [q8(w) for w in weights]
+  results["blockwise8_bs256_us"] = {
+      "quantize": time_calls(q8, ws, reps=10).as_dict(),
+      "quantize_naive_jnp": time_calls(q8_naive, ws, reps=3, warmup=1).as_dict(),
+      "dequantize": time_calls(jax.jit(jq.dequantize_blockwise), [(s,) for s in s8],
+                               reps=reps).as_dict(),
+      "dequantize_naive_jnp": time_calls(
+          jax.jit(lambda s: jq.dequantize_blockwise(s, backend="xla")), [(s,) for s in s8],
+          reps=reps).as_dict(),
+      "exact": bool(jnp.array_equal(s8[0].data, q8_naive(weights[0]).data)),
+  }
+  print("8-bit blockwise (dynamic map, blocksize 256):",
+        {k: (round(v["median_us"], 1) if isinstance(v, dict) else v)
+         for k, v in results["blockwise8_bs256_us"].items()})
+
+  if not args.no_sweep:
+    sweep = []
+    flat = [(w.reshape(-1),) for w in weights]
+    for elems, warps in SWEEP:
+      for encoder in ("table", "compare"):
+        cfg = KernelConfig(elems_per_program=elems, num_warps=warps, encoder=encoder)
+        fn = jax.jit(functools.partial(_quantize_4bit_kernel.quantize_4bit, blocksize=BLOCKSIZE,
+                                       quant_type="nf4", config=cfg, interpret=it))
+        sweep.append({"op": "quantize", "elems": elems, "num_warps": warps, "encoder": encoder,
+                      "median_us": time_calls(fn, flat, reps=reps).median_us})
+      cfg = KernelConfig(elems_per_program=elems, num_warps=warps)
+      for nested, sts in (("no", states), ("yes", states_dq)):
+        fn = jax.jit(lambda s, cfg=cfg: _dequantize_4bit_kernel.dequantize_4bit(
+            s.data, s.absmax, s.code, *((s.nested_absmax, s.nested_code, s.offset)
+                                        if s.nested else ()),
+            blocksize=BLOCKSIZE, n=n, dtype=jnp.bfloat16, config=cfg, interpret=it))
+        sweep.append({"op": "dequantize", "nested": nested, "elems": elems, "num_warps": warps,
+                      "median_us": time_calls(fn, [(s,) for s in sts], reps=reps).median_us})
+    results["sweep"] = sweep
+    print("sweep (median us):")
+    for row in sweep:
+      print("  ", row)
+
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(results, indent=1))
+  print("wrote", out)
+
+
+if __name__ == "__main__":
+  main()
