@@ -1,0 +1,263 @@
+"""Linen: the quantized layers, quantize_model on the variables of an unchanged module,
+QLoRA fine-tuning under jax.jit with Optax, merge / save / load of the adapters."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+import jaxquant
+import jaxquant.nn as jqnn
+from tests.helpers import rel_error
+from tests.test_nn_convert import chain_tol, tokens
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(128, name="up")(x))
+    x = nn.relu(nn.Dense(128, name="mid")(x))
+    return nn.Dense(32, name="down")(x)
+
+
+class Block(nn.Module):
+  d: int = 128
+  heads: int = 4
+  ffn: int = 256
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, d = x.shape
+    dense = functools.partial(nn.Dense, param_dtype=self.param_dtype)
+    h = nn.LayerNorm(param_dtype=self.param_dtype)(x)
+    split = lambda y: y.reshape(b, t, self.heads, d // self.heads)
+    q, k, v = (split(dense(d, name=n)(h)) for n in ("query", "key", "value"))
+    att = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    x = x + dense(d, name="out")(att.reshape(b, t, d))
+    h = nn.gelu(dense(self.ffn, name="up")(nn.LayerNorm(param_dtype=self.param_dtype)(x)))
+    return x + dense(d, name="down")(h)
+
+
+class LM(nn.Module):
+  """Embedding, one block, final norm, output head tied to the embedding."""
+  vocab: int = 128
+  d: int = 128
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids):
+    embed = nn.Embed(self.vocab, self.d, param_dtype=self.param_dtype, name="embed")
+    h = Block(self.d, param_dtype=self.param_dtype, name="block")(embed(ids))
+    return embed.attend(nn.LayerNorm(param_dtype=self.param_dtype)(h))
+
+
+def _init(model, x, seed=0):
+  return jax.jit(model.init)(jax.random.key(seed), x)
+
+
+def _apply(model):
+  return jax.jit(functools.partial(jqnn.quantized_apply, model))
+
+
+@pytest.mark.parametrize("layer,kw", [
+    (jqnn.Dense4bit, dict(quant_type="nf4")), (jqnn.Dense4bit, dict(quant_type="fp4")),
+    (jqnn.Dense8bitLt, dict(threshold=3.0))])
+def test_dense_layers_are_dropins(layer, kw):
+  x = jax.random.normal(jax.random.key(1), (5, 64))
+  ref_model = nn.Dense(48, bias_init=nn.initializers.normal(0.1))
+  ref_vars = ref_model.init(jax.random.key(0), x)
+  model = layer(48, bias_init=nn.initializers.normal(0.1), **kw)
+  variables = model.init(jax.random.key(0), x)
+  assert set(variables) == {"params", "quantized"}
+  assert set(variables["params"]) == {"bias"}  # the kernel lives only quantized
+  np.testing.assert_array_equal(variables["params"]["bias"], ref_vars["params"]["bias"])
+  state = variables["quantized"]["kernel"]
+  assert isinstance(state, jaxquant.QuantState) and state.shape == (48, 64)
+  # the kernel drawn is nn.Dense's draw, quantized in torch layout
+  want = (jaxquant.quantize_int8(ref_vars["params"]["kernel"].T) if layer is jqnn.Dense8bitLt
+          else jaxquant.quantize_4bit(ref_vars["params"]["kernel"].T, 64, True, kw["quant_type"]))
+  np.testing.assert_array_equal(state.data, want.data)
+  y = model.apply(variables, x)
+  assert y.dtype == jnp.float32
+  assert rel_error(y, ref_model.apply(ref_vars, x)) < chain_tol(kw.get("quant_type", "int8"), 1)
+  grads = jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p}, x) ** 2))(
+      variables["params"])
+  assert set(grads) == {"bias"}
+
+
+@pytest.mark.parametrize("layer,fmt", [(jqnn.Embed4bit, "nf4"), (jqnn.Embed8bit, "int8")])
+def test_embed_layers_are_dropins(layer, fmt):
+  ids = jnp.array([[1, 5, 63], [0, 0, 7]])
+  ref_model = nn.Embed(64, 128)
+  ref_vars = ref_model.init(jax.random.key(0), ids)
+  model = layer(64, 128, **({"quant_type": "nf4"} if fmt == "nf4" else {}))
+  variables = model.init(jax.random.key(0), ids)
+  assert set(variables) == {"quantized"}
+  out = model.apply(variables, ids)
+  assert out.shape == (2, 3, 128) and out.dtype == jnp.float32
+  assert rel_error(out, ref_model.apply(ref_vars, ids)) < chain_tol(fmt, 1)
+  q = jax.random.normal(jax.random.key(2), (4, 128))
+  assert rel_error(model.apply(variables, q, method="attend"),
+                   ref_model.apply(ref_vars, q, method="attend")) < chain_tol(fmt, 1)
+
+
+def test_stable_embed():
+  model = jqnn.StableEmbed(40, 32, dtype=jnp.bfloat16)
+  ids = jnp.arange(10)
+  variables = model.init(jax.random.key(0), ids)
+  out = model.apply(variables, ids)
+  assert out.dtype == jnp.bfloat16 and out.shape == (10, 32)
+  np.testing.assert_allclose(np.asarray(out, np.float32).mean(-1), 0, atol=2e-2)
+  assert set(variables["params"]) == {"embedding", "norm"}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_variables_of_unchanged_module(bits):
+  model = LM(param_dtype=jnp.bfloat16)
+  ids = tokens()
+  variables = _init(model, ids)
+  ref = jax.jit(model.apply)(variables, ids).astype(jnp.float32)
+  cfg = (jqnn.QuantConfig(load_in_4bit=True, quant_type="nf4", double_quant=True) if bits == 4
+         else jqnn.QuantConfig(load_in_8bit=True))
+  qvars, summary = jqnn.quantize_model(variables, cfg, return_summary=True)
+  assert sorted(r.name for r in summary.layers) == sorted(
+      ["embed"] + [f"block.{n}" for n in ("query", "key", "value", "out", "up", "down")])
+  assert "kernel" not in qvars["params"]["block"]["query"]
+  assert "embedding" in variables["params"]["embed"]  # the input is not modified
+  ratio = jqnn.memory_footprint(qvars) / jqnn.memory_footprint(variables)
+  assert ratio <= (0.30 if bits == 4 else 0.55)
+  logits = _apply(model)(qvars, ids)
+  assert logits.dtype == jnp.bfloat16
+  assert rel_error(logits.astype(jnp.float32), ref) < chain_tol(
+      "nf4" if bits == 4 else "int8", 8) + 0.01
+  back = jqnn.dequantize_model(qvars)
+  assert "quantized" not in back and back["params"]["embed"]["embedding"].dtype == jnp.bfloat16
+  assert rel_error(jax.jit(model.apply)(back, ids).astype(jnp.float32),
+                   logits.astype(jnp.float32)) < (0.02 if bits == 4 else chain_tol("int8", 8))
+
+
+def test_qlora_finetune_linen_under_jit(tmp_path):
+  """The user's Linen model (Dense + Embed): quantize_model on its variables, LoRA adapters,
+  a jitted Optax step on the adapters alone; the module code is never changed."""
+  model = LM()
+  ids = tokens((4, 16))
+  variables = _init(model, ids)
+  qvars = jqnn.quantize_model(variables, jqnn.QuantConfig(
+      load_in_4bit=True, quant_type="nf4", double_quant=True, compute_dtype=jnp.bfloat16))
+  qvars = jqnn.add_lora(qvars, jqnn.LoraConfig(
+      r=8, alpha=16, target_modules=["query", "value", "up", "down", "embed"]), rngs=0)
+  lora = qvars["lora"]
+  frozen = {k: v for k, v in qvars.items() if k != "lora"}
+  tx = optax.adam(1e-2)
+  opt_state = tx.init(lora)
+
+  def loss_fn(lora, ids):
+    logits = jqnn.quantized_apply(model, {**frozen, "lora": lora}, ids[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), ids[:, 1:]).mean()
+
+  @jax.jit
+  def train_step(lora, opt_state, ids):
+    loss, grads = jax.value_and_grad(loss_fn)(lora, ids)
+    updates, opt_state = tx.update(grads, opt_state, lora)
+    return optax.apply_updates(lora, updates), opt_state, loss
+
+  losses = []
+  for _ in range(12):
+    lora, opt_state, loss = train_step(lora, opt_state, ids)
+    losses.append(float(loss))
+  assert losses[-1] < 0.8 * losses[0], losses
+  tuned = {**frozen, "lora": lora}
+
+  # gradients over all variables: only the adapters (and float params) get one; a
+  # lora_mask'ed optimizer leaves everything but the adapters alone
+  params_and_lora = {"params": frozen["params"], "lora": lora}
+  grads = jax.grad(lambda t: jnp.sum(jqnn.quantized_apply(
+      model, {**frozen, **t}, ids).astype(jnp.float32)))(params_and_lora)
+  mask = jqnn.lora_mask(grads)
+  assert all(jax.tree.leaves(mask["lora"])) and not any(jax.tree.leaves(mask["params"]))
+  masked = optax.masked(optax.sgd(1.0), jqnn.lora_mask)
+  updates, _ = masked.update(grads, masked.init(params_and_lora), params_and_lora)
+  for u, g in zip(jax.tree.leaves(updates["params"]), jax.tree.leaves(grads["params"])):
+    np.testing.assert_array_equal(u, g)  # passed through, not an SGD step
+  with pytest.raises(TypeError):
+    jax.grad(lambda q: 0.0)(frozen["quantized"])  # integer codes are not differentiable
+
+  # adapters alone to disk and back
+  jqnn.save_lora(tmp_path / "lora", tuned)
+  fresh = jqnn.add_lora(frozen, jqnn.LoraConfig(
+      r=8, alpha=16, target_modules=["query", "value", "up", "down", "embed"]), rngs=5)
+  loaded = jqnn.load_lora(tmp_path / "lora", fresh)
+  apply = _apply(model)
+  y_tuned = apply(tuned, ids)
+  np.testing.assert_array_equal(apply(loaded, ids), y_tuned)
+
+  # merge into re-quantized weights, or into float ones
+  merged = jqnn.merge_lora(tuned)
+  assert "lora" not in merged
+  assert isinstance(merged["quantized"]["block"]["query"]["kernel"], jqnn.LinenQuantWeight)
+  y_merged = apply(merged, ids).astype(jnp.float32)
+  assert rel_error(y_merged, y_tuned.astype(jnp.float32)) < chain_tol("nf4", 5)
+  dense = jqnn.merge_lora(tuned, dequantize=True)
+  assert "kernel" in dense["params"]["block"]["query"] and "query" not in dense["quantized"].get(
+      "block", {})
+  y_dense = apply(dense, ids).astype(jnp.float32)
+  assert rel_error(y_dense, y_tuned.astype(jnp.float32)) < 0.02  # bfloat16 compute only
+
+
+def test_linen_lora_dropout_needs_rng():
+  model = MLP()
+  x = jax.random.normal(jax.random.key(0), (3, 64))
+  variables = jqnn.add_lora(_init(model, x), jqnn.LoraConfig(r=4, dropout=0.5,
+                                                             target_modules="all-linear"))
+  lora = jax.tree.map(lambda a: a + 0.1, variables["lora"])
+  variables = {**variables, "lora": lora}
+  a = jqnn.quantized_apply(model, variables, x)
+  np.testing.assert_array_equal(a, jqnn.quantized_apply(model, variables, x))
+  b = jqnn.quantized_apply(model, variables, x, rngs={"dropout": jax.random.key(1)})
+  assert float(jnp.abs(a - b).max()) > 0
+
+
+def test_linen_layers_take_lora_and_other_layers_are_refused():
+  class WithGeneral(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.DenseGeneral(64, name="general")(x)  # a 2-D kernel, but not an nn.Dense
+      x = nn.MultiHeadDotProductAttention(num_heads=2, name="mha")(x[:, None, :])[:, 0]
+      return jqnn.Dense4bit(32, name="q4")(nn.Dense(64, name="dense")(x))
+
+  model = WithGeneral()
+  x = jax.random.normal(jax.random.key(0), (3, 64))
+  variables = _init(model, x)
+  qvars, summary = jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True),
+                                       return_summary=True)
+  skipped = dict(summary.skipped)
+  assert "mha.query" in skipped and "not a 2-D Dense kernel" in skipped["mha.query"]
+  with pytest.raises(ValueError, match=r"DenseGeneral at 'general'.*skip_modules"):
+    jqnn.quantized_apply(model, qvars, x)
+  # skipping it works; the jaxquant layer takes an adapter too
+  qvars = jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True,
+                                                          skip_modules=["general"]))
+  lvars = jqnn.add_lora(qvars, jqnn.LoraConfig(r=2, target_modules=["q4"]))
+  assert lvars["lora"]["q4"]["adapter"].lora_a.shape == (64, 2)
+  np.testing.assert_allclose(jqnn.quantized_apply(model, lvars, x),
+                             jqnn.quantized_apply(model, qvars, x), rtol=1e-6)
+
+
+def test_linen_bad_configs():
+  model = MLP()
+  variables = _init(model, jnp.ones((2, 96)))
+  with pytest.raises(ValueError, match=r"blocksize=64 does not divide in_features=96 of layer "
+                                       r"'up'"):
+    jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_4bit=True))
+  with pytest.raises(ValueError, match=r"target_modules entry 'attn' matches no layer.*'mid'"):
+    jqnn.add_lora(variables, jqnn.LoraConfig(target_modules=["attn"]))
+  with pytest.raises(ValueError, match="no LoRA adapters"):
+    jqnn.merge_lora(variables)
+  with pytest.raises(TypeError, match="module must be a flax.linen Module"):
+    jqnn.quantized_apply(lambda x: x, variables, jnp.ones((2, 96)))
