@@ -4,13 +4,15 @@ Two encoders give the same bytes:
 
 * ``compare``: one comparison per decision threshold (15 for NF4, 7 on ``|s|`` for FP4), the
   reference's own formula; exact for every input including ``±inf`` and NaN.
-* ``table``: a bin lookup. ``b(v) = round_half_even(32 * v)`` is computed with one float add of
-  a magic constant (``32 * v`` is exact, so fused or not the result is the same), and is
+* ``table``: a bin lookup. ``b(v) = round_half_even(16 * v)`` is computed with one float add of
+  a magic constant (``16 * v`` is exact, so fused or not the result is the same), and is
   monotone in ``v``. For a threshold ``t``, ``b(s) > b(t)`` implies ``s > t`` and
   ``b(s) < b(t)`` implies ``s < t``; only when ``b(s) == b(t)`` must ``s`` be compared with
-  ``t``. Bins are 1/32 wide and the thresholds at least 0.08 apart, so a bin holds at most one
-  threshold: a 128-entry table gives, per bin, that threshold (or +inf) and the codes below
-  and above it. Two gathers and one comparison replace fifteen comparisons. Valid while
+  ``t``. Bins are 1/16 wide and the thresholds at least 0.08 apart, so a bin holds at most one
+  threshold: two small tables give, per bin, that threshold (float32, or +inf) and the codes
+  below and above it (one byte); they span 33 entries, a cache line or two, so a gather of a
+  warp is one or two L1 wavefronts. Two gathers and one comparison replace fifteen
+  comparisons. Valid while
   ``|s| <= 1.01`` and ``s`` is not NaN, which holds whenever the block's absmax is a finite normal
   float32 (the kernels fall back to ``compare`` for a program where it is not).
 """
@@ -27,10 +29,10 @@ from pallas_kernels.blockwise_quant import reference
 
 __all__ = ["encode_compare", "encode_table", "encoder_tables", "pad_code", "TABLE_SIZE"]
 
-TABLE_SIZE = 128
-_SCALE = np.float32(32.0)
-# 1.5 * 2**23 + 32: adding it rounds to an integer and puts b(v) + 32 in the low mantissa bits.
-_MAGIC = np.float32(12582912.0 + 32.0)
+TABLE_SIZE = 64
+_SCALE = np.float32(16.0)
+# 1.5 * 2**23 + 16: adding it rounds to an integer and puts b(v) + 16 in the low mantissa bits.
+_MAGIC = np.float32(12582912.0 + 16.0)
 
 
 def _thresholds(quant_type: str) -> np.ndarray:
@@ -54,7 +56,7 @@ def _fp4_code_of_rank(rank):
 
 @functools.cache
 def encoder_tables(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
-  """``(threshold float32 (128,), codes int32 (128,))`` of the ``table`` encoder.
+  """``(threshold float32 (64,), codes uint8 (64,))`` of the ``table`` encoder.
 
   ``codes[j] = low | high << 4``: the code of a value in bin ``j`` at or below the bin's
   threshold, and above it. NF4 bins are of ``s``, FP4 bins of ``|s|`` (the sign is added
@@ -64,11 +66,11 @@ def encoder_tables(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
   bins = _bin_numpy(thresholds)
   if len(set(bins.tolist())) != len(bins):
     raise AssertionError(f"two {quant_type} thresholds share a bin: {bins}")
-  # Bin index → signed bin b: indices are b + 32 for b in [-32, 32].
-  signed = np.arange(TABLE_SIZE) - 32
-  threshold_bin = bins.astype(np.int64) - 32
+  # Bin index → signed bin b: indices are b + 16 for b in [-16, 16].
+  signed = np.arange(TABLE_SIZE) - 16
+  threshold_bin = bins.astype(np.int64) - 16
   thr = np.full(TABLE_SIZE, np.inf, np.float32)
-  codes = np.zeros(TABLE_SIZE, np.int32)
+  codes = np.zeros(TABLE_SIZE, np.uint8)
   for j in range(TABLE_SIZE):
     below = int(np.sum(threshold_bin < signed[j]))
     inside = np.flatnonzero(threshold_bin == signed[j])
@@ -113,7 +115,7 @@ def encode_table(s: jax.Array, thr_ref, codes_ref, quant_type: str) -> jax.Array
   y = key * _SCALE + _MAGIC
   idx = jax.lax.bitcast_convert_type(y, jnp.int32) & (TABLE_SIZE - 1)
   thr = thr_ref[idx]
-  codes = codes_ref[idx]
+  codes = codes_ref[idx].astype(jnp.int32)
   code = (codes >> jnp.where(key > thr, 4, 0)) & 15
   if quant_type == "fp4":
     code = code | jnp.where(s < 0, 8, 0)
