@@ -59,14 +59,12 @@ class GemmConfig:
 
 
 def gemm_config(m: int, n: int, k: int) -> GemmConfig:
-  """Heuristic tiles (measured on an H100; see benchmarks/int8_matmul.py)."""
-  del k
+  """Heuristic tiles (measured on an H100 for N = K = 8192; see benchmarks/int8_matmul.py)."""
+  del n, k
   if m <= 16:
-    return GemmConfig(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4, num_stages=4)
-  if m <= 64:
-    return GemmConfig(block_m=64, block_n=64, block_k=256, group_m=1, num_warps=4, num_stages=4)
-  if m <= 256 or n < 256:
-    return GemmConfig(block_m=128, block_n=128, block_k=128, group_m=8, num_warps=8,
+    return GemmConfig(block_m=16, block_n=32, block_k=256, group_m=1, num_warps=4, num_stages=4)
+  if m <= 256:
+    return GemmConfig(block_m=64, block_n=128, block_k=128, group_m=8, num_warps=4,
                       num_stages=4)
   return GemmConfig()
 

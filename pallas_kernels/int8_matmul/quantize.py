@@ -1,14 +1,16 @@
 """Row-wise int8 quantization of activations that finds the outlier columns in the same pass.
 
-One program owns ``block_m`` rows. A first sweep over the row panel takes the absmax of every
-row over its non-outlier elements (``|x| < threshold``) and writes, per column, whether any of
-its rows holds an outlier; a second sweep, from the far end so that the panel is still in L2,
-writes ``q = rint(x * 127 / absmax)`` with the outlier elements zeroed. So ``x`` is read from
-memory once and ``q`` written once.
+One program owns ``block_m`` rows. When a row panel fits in registers (``block_k >= K``, the
+usual case up to 16384 columns) it is loaded once; its absmax over the non-outlier elements
+(``|x| < threshold``) gives the scale, ``q = rint(x * 127 / absmax)`` is written with the
+outlier elements zeroed, and one bit per column says whether the panel holds an outlier
+there (32 columns to an int32 word, so the flags cost 1/64 of the bytes of ``x``). Wider rows
+take two sweeps, the second from the far end so that the panel is still in L2. Either way
+``x`` is read from memory once and ``q`` written once.
 
 Bitsandbytes zeroes the whole outlier column of ``q`` when there are several rows; that needs
 every row's verdict, so it is left to the caller (:func:`zero_columns`), which knows the
-columns once the per-block flags are reduced.
+columns once the per-block flags are OR-ed together (:func:`outlier_columns`).
 """
 
 from __future__ import annotations
@@ -45,15 +47,18 @@ class QuantConfig:
     for name in ("block_m", "block_k", "num_warps"):
       if not _common.is_pow2(getattr(self, name)):
         raise ValueError(f"QuantConfig.{name} must be a power of two, got {self}")
+    if self.block_k < 32:
+      raise ValueError(f"QuantConfig.block_k must be >= 32, got {self}")
 
 
 def quant_config(m: int, k: int) -> QuantConfig:
-  """Heuristic tiles: about 8 KiB of input per step, and enough programs to fill the GPU."""
-  block_k = min(2048, _common.pow2_at_least(k))
-  block_m = 1
-  while block_m < 8 and _common.cdiv(m, block_m * 2) >= 264:
-    block_m *= 2
-  return QuantConfig(block_m=block_m, block_k=block_k, num_warps=4 if block_k <= 1024 else 8)
+  """Heuristic tiles (measured on an H100, see benchmarks/int8_matmul.py): one row per program
+  and, up to 16384 columns, the whole row in registers (read once, no second sweep)."""
+  del m
+  block_k = max(32, _common.pow2_at_least(k))
+  if block_k > 16384:
+    block_k = 4096
+  return QuantConfig(block_m=1, block_k=block_k, num_warps=8 if block_k >= 4096 else 4)
 
 
 def supports(x: jax.Array, *, threshold: float = 0.0) -> bool:
@@ -66,6 +71,8 @@ def _kernel(x_ref, q_ref, stats_ref, *flag_refs, threshold: float, cfg: QuantCon
   bm, bk = cfg.block_m, cfg.block_k
   nk = _common.cdiv(k, bk)
   ragged = (m % bm != 0, k % bk != 0)
+  words = bk // 32
+  ragged_words = _common.cdiv(k, 32) % words != 0
   pid = pl.program_id(0)
   r0 = pid * bm
   thr = jnp.float32(threshold)
@@ -73,28 +80,41 @@ def _kernel(x_ref, q_ref, stats_ref, *flag_refs, threshold: float, cfg: QuantCon
   def load(kb):
     return _common.load_tile(x_ref, (r0, kb * bk), (bm, bk), ragged).astype(jnp.float32)
 
-  def sweep_max(kb, rowmax):
-    ax = jnp.abs(load(kb))
+  def absmax(kb, xv):
+    """Row absmax over the non-outliers; stores the tile's column flags, 32 to a word."""
+    ax = jnp.abs(xv)
     if threshold > 0:
       outlier = ax >= thr
       ax = jnp.where(outlier, 0.0, ax)
-      flags = jnp.max(outlier.astype(jnp.int32), axis=0).astype(jnp.int8)
-      _common.store_tile(flag_refs[0], (pid, kb * bk), flags[None, :],
-                         (False, ragged[1]))
-    return jnp.maximum(rowmax, jnp.max(ax, axis=1))
+      col = jnp.max(outlier.astype(jnp.int32), axis=0).reshape(words, 32)
+      packed = jnp.sum(col << jnp.arange(32, dtype=jnp.int32)[None, :], axis=1)
+      _common.store_tile(flag_refs[0], (pid, kb * words), packed[None, :],
+                         (False, ragged_words))
+    return jnp.max(ax, axis=1)
 
-  rowmax = jax.lax.fori_loop(0, nk, sweep_max, jnp.zeros((bm,), jnp.float32))
-  _common.store_tile(stats_ref, (r0,), rowmax, (ragged[0],))
-  scale = jnp.where(rowmax > 0, jnp.float32(127.0) / rowmax, jnp.float32(0.0))
-
-  def sweep_quant(i, carry):
-    kb = nk - 1 - i
-    xv = load(kb)
+  def quant(kb, xv, scale):
     v = _common.rint(xv * scale[:, None])
     if threshold > 0:
       v = jnp.where(jnp.abs(xv) >= thr, 0.0, v)
     v = jnp.clip(v, -127.0, 127.0).astype(jnp.int32).astype(jnp.int8)
     _common.store_tile(q_ref, (r0, kb * bk), v, ragged)
+
+  def scale_of(rowmax):
+    _common.store_tile(stats_ref, (r0,), rowmax, (ragged[0],))
+    return jnp.where(rowmax > 0, jnp.float32(127.0) / rowmax, jnp.float32(0.0))
+
+  if nk == 1:  # the whole row panel fits in registers: one read
+    xv = load(0)
+    quant(0, xv, scale_of(absmax(0, xv)))
+    return
+
+  rowmax = jax.lax.fori_loop(0, nk, lambda kb, r: jnp.maximum(r, absmax(kb, load(kb))),
+                             jnp.zeros((bm,), jnp.float32))
+  scale = scale_of(rowmax)
+
+  def sweep_quant(i, carry):
+    kb = nk - 1 - i  # backwards: the last tiles read are still in L2
+    quant(kb, load(kb), scale)
     return carry
 
   jax.lax.fori_loop(0, nk, sweep_quant, 0)
@@ -113,8 +133,9 @@ def rowwise_quant(x: jax.Array, *, threshold: float = 0.0, interpret: bool = Fal
 
   Returns:
     ``(q, stats, flags)``: ``int8 (M, K)`` with the outlier *elements* zeroed, ``float32 (M,)``
-    row absmax over the non-outliers, and ``int8 (cdiv(M, block_m), K)`` per row block, 1
-    where a column holds an outlier (``None`` when ``threshold == 0``).
+    row absmax over the non-outliers, and ``int32 (cdiv(M, block_m), cdiv(K, 32))`` per row
+    block, bit ``j`` of word ``i`` set where column ``32 * i + j`` holds an outlier (``None``
+    when ``threshold == 0``).
   """
   m, k = x.shape
   cfg = config or quant_config(m, k)
@@ -122,7 +143,7 @@ def rowwise_quant(x: jax.Array, *, threshold: float = 0.0, interpret: bool = Fal
   nb = _common.cdiv(m, cfg.block_m)
   out_shape = [jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32)]
   if threshold > 0:
-    out_shape.append(jax.ShapeDtypeStruct((nb, k), jnp.int8))
+    out_shape.append(jax.ShapeDtypeStruct((nb, _common.cdiv(k, 32)), jnp.int32))
   outs = _common.pallas_call(
       functools.partial(_kernel, threshold=float(threshold), cfg=cfg), out_shape=out_shape,
       grid=(nb,), name="jaxquant_int8_rowwise_quant", num_warps=cfg.num_warps, num_stages=1,
@@ -136,7 +157,9 @@ def outlier_columns(flags: jax.Array | None, k: int) -> jax.Array:
   """``bool (K,)``: the per-block flags of :func:`rowwise_quant` reduced over the blocks."""
   if flags is None:
     return jnp.zeros((k,), bool)
-  return jnp.any(flags != 0, axis=0)
+  packed = jax.lax.reduce(flags, jnp.int32(0), jax.lax.bitwise_or, (0,))
+  bits = jax.lax.shift_right_logical(packed[:, None], jnp.arange(32, dtype=jnp.int32)[None, :])
+  return (bits & 1).reshape(-1)[:k] != 0
 
 
 def zero_columns(q: jax.Array, cols: jax.Array) -> jax.Array:

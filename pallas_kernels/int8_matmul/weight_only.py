@@ -1,12 +1,13 @@
 """Weight-only int8 matmuls: an int8 weight against 16-bit activations, decoded in registers.
 
-Forward ``y = (x @ w_q.T) * (w_stats / 127) + bias``: each int8 weight tile is converted to
-the activation dtype (exact: an int8 fits a bfloat16/float16 significand) right before the
-tensor-core product, and the per-output-row scale is applied once to the float32 accumulator.
-For a few rows of ``x`` (decode) the weight is read once at full bandwidth, which is the whole
-cost: the tile is put on the left of the product (``w_lhs``: the weight tile stays in registers
-and ``x`` only pads the small MMA dimension), and the reduction can be split over ``split_k``
-programs whose float32 partial sums are added afterwards.
+Forward ``y = (x @ w_q.T) * (w_stats / 127) + bias``. Up to ``gemv.MAX_ROWS`` rows (decode)
+the CUDA-core GEMV of :mod:`gemv` streams the weight once. Above, each int8 weight tile is
+decoded to the activation dtype (exact: an int8 fits a bfloat16/float16 significand) right
+before a tensor-core product, and the per-output-row scale is applied once to the float32
+accumulator; ``w_lhs`` puts the weight tile on the left (it stays in registers and ``x`` only
+fills the small MMA side); the reduction can be split over ``split_k`` programs whose float32
+partial sums are added afterwards. Beyond ``MAX_KERNEL_M`` rows XLA's fused convert+GEMM was
+faster, so :func:`supports` declines and the dispatcher runs the reference there.
 
 Backward ``dx = g @ dequant(w)``: the scale runs along the reduction, so each weight tile is
 dequantized in float32 and rounded to the dtype of ``g`` exactly as the reference does.
@@ -21,13 +22,16 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.int8_matmul import _common
+from pallas_kernels.int8_matmul import _common, gemv
 from pallas_kernels.int8_matmul.reference import DEQUANT_SCALE
 
 __all__ = ["WeightOnlyConfig", "weight_only_config", "grad_config", "weight_only_matmul",
-           "grad_input_matmul", "supports", "supports_grad"]
+           "grad_input_matmul", "supports", "supports_grad", "MAX_KERNEL_M"]
 
 ACT_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+# Above this many rows XLA's own weight-only product (the int8 -> bf16 convert fused into
+# its GEMM) was faster on the H100 than these kernels: supports() sends larger M there.
+MAX_KERNEL_M = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +65,15 @@ class WeightOnlyConfig:
       raise ValueError(f"WeightOnlyConfig blocks must be >= 16, got {self}")
 
 
-def weight_only_config(m: int, n: int, k: int) -> WeightOnlyConfig:
-  """Heuristic tiles for the forward (measured on an H100; see benchmarks/int8_matmul.py)."""
+def weight_only_config(m: int, n: int, k: int) -> WeightOnlyConfig | gemv.GemvConfig:
+  """Heuristic tiles for the forward (measured on an H100; see benchmarks/int8_matmul.py):
+  the CUDA-core GEMV up to ``gemv.MAX_ROWS`` rows, tensor-core tiles above."""
   del n, k
+  if m <= gemv.MAX_ROWS:
+    return gemv.GemvConfig()
   if m <= 16:
     return WeightOnlyConfig(block_m=16, block_n=64, block_k=256, w_lhs=True)
-  if m <= 64:
-    return WeightOnlyConfig(block_m=64, block_n=64, block_k=128, w_lhs=False, num_stages=4)
-  return WeightOnlyConfig(block_m=128, block_n=128, block_k=64, w_lhs=False, num_warps=8,
-                          num_stages=4)
+  return WeightOnlyConfig(block_m=128, block_n=64, block_k=128, w_lhs=False)
 
 
 def grad_config(m: int, n: int, k: int) -> WeightOnlyConfig:
@@ -87,7 +91,8 @@ def supports(x, w_q, w_stats, bias=None) -> bool:
   """Whether :func:`weight_only_matmul` takes these operands."""
   del w_stats, bias
   return (x.ndim == 2 and w_q.ndim == 2 and w_q.dtype == jnp.int8 and x.shape[1] == w_q.shape[1]
-          and jnp.dtype(x.dtype) in ACT_DTYPES and x.size > 0 and w_q.size > 0)
+          and jnp.dtype(x.dtype) in ACT_DTYPES and x.size > 0 and w_q.size > 0
+          and x.shape[0] <= MAX_KERNEL_M)
 
 
 def supports_grad(g, w_q, w_stats) -> bool:
@@ -143,7 +148,7 @@ def _forward_kernel(x_ref, w_ref, sw_ref, *refs, cfg: WeightOnlyConfig, has_bias
 @functools.partial(jax.jit, static_argnames=("interpret", "config"))
 def weight_only_matmul(x: jax.Array, w_q: jax.Array, w_stats: jax.Array,
                        bias: jax.Array | None = None, *, interpret: bool = False,
-                       config: WeightOnlyConfig | None = None) -> jax.Array:
+                       config: WeightOnlyConfig | gemv.GemvConfig | None = None) -> jax.Array:
   """``x @ dequant(w_q).T + bias`` reading the int8 weight once.
 
   Args:
@@ -151,7 +156,8 @@ def weight_only_matmul(x: jax.Array, w_q: jax.Array, w_stats: jax.Array,
     w_q: ``int8 (N, K)`` row-quantized weight; ``w_stats``: ``float32 (N,)`` its row absmax.
     bias: ``(N,)`` or None.
     interpret: run in the Pallas interpreter.
-    config: tiles; ``None`` picks :func:`weight_only_config`.
+    config: a :class:`WeightOnlyConfig` (tensor cores) or a :class:`gemv.GemvConfig`
+      (CUDA cores, ``M <= gemv.MAX_ROWS``); ``None`` picks :func:`weight_only_config`.
 
   Returns:
     ``(M, N)`` in ``x.dtype``: ``(x @ w_q.T)`` accumulated in float32, times
@@ -165,6 +171,22 @@ def weight_only_matmul(x: jax.Array, w_q: jax.Array, w_stats: jax.Array,
   if split > 1 and _common.cdiv(k, cfg.block_k) % split:
     split = 1
   cfg = dataclasses.replace(cfg, split_k=split)
+  if isinstance(cfg, gemv.GemvConfig):
+    y = gemv.gemv_call(x, w_q, w_stats, bias, cfg=cfg, interpret=interpret)
+  else:
+    y = _mma_call(x, w_q, w_stats, bias, cfg=cfg, interpret=interpret)
+  if split == 1:
+    return y
+  y = jnp.sum(y, axis=0) * (w_stats.astype(jnp.float32) * jnp.float32(DEQUANT_SCALE))[None, :]
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)[None, :]
+  return y.astype(x.dtype)
+
+
+def _mma_call(x, w_q, w_stats, bias, *, cfg: WeightOnlyConfig, interpret: bool):
+  m = x.shape[0]
+  n = w_q.shape[0]
+  split = cfg.split_k
   num = _common.cdiv(m, cfg.block_m) * _common.cdiv(n, cfg.block_n)
   operands = [x, w_q, w_stats.astype(jnp.float32)]
   if bias is not None and split == 1:
@@ -173,15 +195,9 @@ def weight_only_matmul(x: jax.Array, w_q: jax.Array, w_stats: jax.Array,
       jax.ShapeDtypeStruct((m, n), x.dtype))
   kernel = functools.partial(_forward_kernel, cfg=cfg, has_bias=bias is not None,
                              partial=split > 1)
-  y = _common.pallas_call(kernel, out_shape=out, grid=(num, split) if split > 1 else (num,),
-                          name="jaxquant_int8_weight_only", num_warps=cfg.num_warps,
-                          num_stages=cfg.num_stages, interpret=interpret)(*operands)
-  if split == 1:
-    return y
-  y = jnp.sum(y, axis=0) * (w_stats.astype(jnp.float32) * jnp.float32(DEQUANT_SCALE))[None, :]
-  if bias is not None:
-    y = y + bias.astype(jnp.float32)[None, :]
-  return y.astype(x.dtype)
+  return _common.pallas_call(kernel, out_shape=out, grid=(num, split) if split > 1 else (num,),
+                             name="jaxquant_int8_weight_only", num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages, interpret=interpret)(*operands)
 
 
 def _grad_kernel(g_ref, w_ref, sw_ref, o_ref, *, cfg: WeightOnlyConfig):
