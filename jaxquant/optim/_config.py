@@ -88,9 +88,9 @@ class Options:
     backend: ``None``/"auto", "xla", "pallas" or "interpret" (see ``jaxquant._dispatch``).
     offload: keep the state in host memory (``pinned_host``) and stream it through the device
       leaf by leaf inside the update.
-    offload_prefetch: with ``offload``, how many leaves ahead a leaf's state may be copied in
-      while earlier ones compute (bounds device memory to about ``prefetch + 1`` leaves of
-      state); ``None`` leaves the schedule to XLA.
+    offload_chunk: with ``offload``, elements per streamed chunk of a leaf's state (the
+      device holds about three chunks of state at a time); ``None`` moves each leaf's state
+      whole and leaves the schedule to XLA.
     kernel_config: launch parameters for the fused kernel (``None``: defaults), for tuning.
   """
   min_8bit_size: int = 4096
@@ -100,7 +100,7 @@ class Options:
   max_unorm: float = 0.0
   backend: str | None = None
   offload: bool = False
-  offload_prefetch: int | None = 1
+  offload_chunk: int | None = 1 << 22
   kernel_config: Any = None
 
   def __post_init__(self):
@@ -118,8 +118,8 @@ class Options:
       raise ValueError(f"backend must be one of {_dispatch.BACKENDS} or None, got {self.backend!r}")
     if not isinstance(self.offload, bool):
       raise TypeError(f"offload must be True or False, got {self.offload!r}")
-    if self.offload_prefetch is not None:
-      check_positive_int("offload_prefetch", self.offload_prefetch, minimum=0)
+    if self.offload_chunk is not None:
+      check_positive_int("offload_chunk", self.offload_chunk, minimum=self.blocksize)
     if self.keep_32bit is not None and not callable(self.keep_32bit):
       bad = [x for x in jax.tree_util.tree_leaves(self.keep_32bit) if not isinstance(
           x, (bool, np.bool_))]

@@ -124,23 +124,41 @@ def _wd_leaves(spec: Spec, treedef, params: Any, n: int) -> list[bool]:
 
 
 def _leaf_update(spec: Spec, g, p, moments, hp, write: str):
+  """One leaf: ``(out, new_moments)``. With ``offload``, 8-bit moments arrive in host memory
+  and are streamed in chunks (``_offload.stream_blocks``); float32 ones are moved whole."""
   opts = spec.options
   kwargs = dict(family=spec.family, flags=spec.flags, write=write, max_unorm=opts.max_unorm)
   if not _state.is_quant_state(moments[0]):
+    if opts.offload:
+      moments = _offload.to_device(moments)
     out, new = _dispatch.call("optim_update_fp32", opts.backend, g, p, tuple(moments), hp,
                               **kwargs)
-    return out, tuple(new)
-  bs = opts.blocksize
-  gb = _state.to_blocks(g, bs)
-  pb = None if p is None else _state.to_blocks(p, bs)
-  codes = tuple(_state.to_blocks(m.data, bs) for m in moments)
-  absmax = tuple(m.absmax.reshape(gb.shape[:-1]) for m in moments)
-  maps = tuple(m.code for m in moments)
+    return out, (_offload.to_host(tuple(new)) if opts.offload else tuple(new))
   if opts.kernel_config is not None:
     kwargs["config"] = opts.kernel_config
-  out, new_codes, new_absmax = _dispatch.call(
-      "optim_update_8bit", opts.backend, gb, pb, codes, absmax, maps, hp, codebook="dynamic",
-      **kwargs)
+  maps = tuple(m.code for m in moments)
+  if opts.offload:
+    maps = _offload.to_device(maps)
+
+  def update_blocks(gb, pb, codes, absmax):
+    return _dispatch.call("optim_update_8bit", opts.backend, gb, pb, codes, absmax, maps, hp,
+                          codebook="dynamic", **kwargs)
+
+  bs = opts.blocksize
+  gb = _state.to_blocks(g, bs).reshape(-1, bs)
+  pb = None if p is None else _state.to_blocks(p, bs).reshape(-1, bs)
+  codes = tuple(_state.to_blocks(m.data, bs).reshape(-1, bs) for m in moments)
+  absmax = tuple(m.absmax.reshape(-1) for m in moments)
+  chunks = _offload.n_chunks(gb.shape[0], bs, opts.offload_chunk) if opts.offload else 1
+  if chunks > 1 and opts.max_unorm == 0:
+    out, new_codes, new_absmax = _offload.stream_blocks(update_blocks, gb, pb, codes, absmax,
+                                                        chunks)
+  else:
+    if opts.offload:
+      codes, absmax = _offload.to_device((codes, absmax))
+    out, new_codes, new_absmax = update_blocks(gb, pb, codes, absmax)
+    if opts.offload:
+      new_codes, new_absmax = _offload.to_host((new_codes, new_absmax))
   new = tuple(m.replace(data=_state.from_blocks(q, m.shape), absmax=a.reshape(m.absmax.shape))
               for m, q, a in zip(moments, new_codes, new_absmax))
   return _state.from_blocks(out, tuple(g.shape)), new
@@ -167,26 +185,22 @@ def _run(spec: Spec, grads: Any, state: NamedTuple, params: Any, write: str):
   gnorm_leaves = (treedef.flatten_up_to(state.gnorm) if state.gnorm is not None
                   else [None] * n)
   wd_on = _wd_leaves(spec, treedef, params, n) if needs_p else [True] * n
-  prefetch = opts.offload_prefetch
-  outs, new_fields, new_gnorm, done = [], [], [], []
+  outs, new_fields, new_gnorm = [], [], []
   for i, g in enumerate(g_leaves):
     moments = tuple(leaves[i] for leaves in field_leaves)
     hist = gnorm_leaves[i]
-    if opts.offload:
-      if prefetch is not None and i > prefetch:
-        moments, hist = _offload.order_after((moments, hist), done[i - prefetch - 1])
-      moments, hist = _offload.to_device((moments, hist))
+    if opts.offload and hist is not None:
+      hist = _offload.to_device(hist)
     hp_i = hp if wd_on[i] else hp.at[families.WD].set(0.0)
     if hist is not None:
       scale, hist = _clipping.percentile_scale(g, hist, step, opts.percentile_clipping)
       hp_i = hp_i.at[families.GSCALE].set(scale)
+      if opts.offload:
+        hist = _offload.to_host(hist)
     out, new = _leaf_update(spec, g, p_leaves[i], moments, hp_i, write)
-    if opts.offload:
-      new, hist = _offload.to_host((new, hist))
     outs.append(out)
     new_fields.append(new)
     new_gnorm.append(hist)
-    done.append((out, new, hist))
   fields = {f: treedef.unflatten([nf[k] for nf in new_fields]) for k, f in enumerate(spec.fields)}
   gnorm = None if state.gnorm is None else treedef.unflatten(new_gnorm)
   return treedef.unflatten(outs), spec.state_cls(count=step, gnorm=gnorm, **fields)

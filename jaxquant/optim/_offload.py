@@ -1,36 +1,39 @@
 """Host-offloaded optimizer state: the JAX counterpart of bitsandbytes' paged optimizers.
 
 bitsandbytes allocates paged state in CUDA unified memory and lets the driver migrate pages.
-JAX has no unified memory; it has *memory kinds*: an array can live in the device's HBM
-(``"device"``) or in page-locked host memory (``"pinned_host"``), and inside ``jit`` a
+JAX has no unified memory; it has *memory kinds*: an array lives in the device's HBM
+(``"device"``) or in page-locked host memory (``"pinned_host"``), and inside ``jit``
 ``jax.device_put(x, jax.memory.Space.Device / Host)`` is an asynchronous copy over the host link.
 
-The 8-bit transforms with ``offload=True`` keep every state array in ``pinned_host`` and, inside
-the jitted update, bring one parameter's state to the device, run the fused update, and send the
-new state back, leaf by leaf. With ``offload_prefetch=k`` the copy-in of leaf ``i`` is ordered
-(``lax.optimization_barrier``) after leaf ``i - k - 1`` has been updated and copied out, so at
-most about ``k + 1`` leaves of state are on the device at a time while transfers overlap the
-computation of the previous leaf. Device memory for the state is then the size of the largest
-leaf or two, not of the whole state.
+The 8-bit transforms with ``offload=True`` keep every state array in ``pinned_host``. Inside the
+jitted update each parameter's state is streamed in chunks of ``offload_chunk`` elements by a
+``lax.scan`` that is software-pipelined by hand: iteration ``k`` copies chunk ``k + 1`` in,
+runs the fused update on chunk ``k`` (copied in by the previous iteration) and copies the new
+chunk ``k`` out (the scan stacks it into a host buffer). The copy in of the next chunk overlaps
+the update and the copy out of the current one, and the device never holds more than about three
+chunks of state. (Moving whole leaves instead, ``offload_chunk=None``, lets XLA schedule the
+copies; it tends to bring in all of the state before the first update, so the device briefly
+holds all of it and the two link directions do not overlap.)
 
 ``offload_state(tx)`` turns any Optax transform into one whose state lives on the host; for the
-jaxquant 8-bit transforms it switches on the leaf-by-leaf streaming above, for any other
-transform it moves the whole state in at the start of ``update`` and out at the end (JAX's
-documented recipe: the state is on the device only during the update).
+jaxquant 8-bit transforms it switches on the streaming above, for any other transform it moves
+the whole state in at the start of ``update`` and out at the end (JAX's documented recipe).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 __all__ = ["to_host", "to_device", "host_memory_supported", "offload_state", "memory_kinds",
-           "order_after"]
+           "n_chunks", "stream_blocks"]
 
 HOST_KIND = "pinned_host"
+_MAX_CHUNKS = 4096
 
 
 @functools.cache
@@ -61,14 +64,6 @@ def to_device(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), tree)
 
 
-def order_after(tree: Any, *deps: Any) -> Any:
-  """``tree`` unchanged, but not available before every array of ``deps`` has been computed."""
-  if not any(jax.tree_util.tree_leaves(d) for d in deps):
-    return tree
-  out = jax.lax.optimization_barrier((tree, deps))
-  return out[0]
-
-
 def memory_kinds(tree: Any) -> dict[str, int]:
   """Bytes of the concrete arrays of ``tree`` per memory kind, e.g. ``{"pinned_host": n}``."""
   totals: dict[str, int] = {}
@@ -81,15 +76,68 @@ def memory_kinds(tree: Any) -> dict[str, int]:
   return totals
 
 
+def n_chunks(n_blocks: int, blocksize: int, chunk_elems: int | None) -> int:
+  """How many equal chunks to stream ``n_blocks`` blocks in: the smallest divisor of
+  ``n_blocks`` giving chunks of at most ``chunk_elems`` elements (1 when the leaf fits in one
+  chunk, when ``chunk_elems`` is None, or when no divisor gives a reasonable count)."""
+  if chunk_elems is None:
+    return 1
+  want = -(-n_blocks * blocksize // chunk_elems)
+  if want <= 1:
+    return 1
+  for count in range(want, min(n_blocks, 4 * want, _MAX_CHUNKS) + 1):
+    if n_blocks % count == 0:
+      return count
+  return 1
+
+
+def stream_blocks(update: Callable, gb: jax.Array, pb: jax.Array | None,
+                  codes: tuple[jax.Array, ...], absmax: tuple[jax.Array, ...], chunks: int):
+  """Run ``update`` over ``chunks`` equal row-chunks, the states streamed from host memory.
+
+  Args:
+    update: ``update(g, p, codes, absmax) -> (out, new_codes, new_absmax)`` on device arrays
+      ``(rows, blocksize)`` / ``(rows,)``.
+    gb, pb: gradient and parameter (or ``None``) in the blocked view ``(n_blocks, blocksize)``,
+      on the device.
+    codes, absmax: per state, ``uint8 (n_blocks, blocksize)`` and ``float32 (n_blocks,)`` in
+      host memory.
+    chunks: a divisor of ``n_blocks``.
+
+  Returns:
+    ``(out, new_codes, new_absmax)``: ``out`` on the device, the new states in host memory.
+  """
+  n_blocks = gb.shape[0]
+  rows = n_blocks // chunks
+  stack = lambda x: x.reshape(chunks, rows, *x.shape[1:])  # noqa: E731
+  host_codes = tuple(stack(c) for c in codes)
+  host_absmax = tuple(stack(a) for a in absmax)
+
+  def fetch(k):
+    take = lambda x: jax.lax.dynamic_index_in_dim(x, k, keepdims=False)  # noqa: E731
+    return to_device((tuple(take(c) for c in host_codes), tuple(take(a) for a in host_absmax)))
+
+  def body(carry, xs):
+    k, (q, a) = carry
+    following = fetch(jnp.minimum(k + 1, chunks - 1))
+    g, p = xs
+    out, new_q, new_a = update(g, p, q, a)
+    return (k + 1, following), (out, to_host(tuple(new_q)), to_host(tuple(new_a)))
+
+  xs = (stack(gb), None if pb is None else stack(pb))
+  _, (out, new_codes, new_absmax) = jax.lax.scan(body, (jnp.int32(0), fetch(0)), xs)
+  return (out.reshape(gb.shape), tuple(c.reshape(n_blocks, -1) for c in new_codes),
+          tuple(a.reshape(n_blocks) for a in new_absmax))
+
+
 def offload_state(tx: optax.GradientTransformation, *,
-                  prefetch: int | None = 1) -> optax.GradientTransformationExtraArgs:
+                  chunk: int | None = 1 << 22) -> optax.GradientTransformationExtraArgs:
   """``tx`` with its state kept in host memory between steps.
 
   Args:
-    tx: any Optax transform. A jaxquant 8-bit transform streams its state leaf by leaf
-      (see the module docstring); any other moves its whole state to the device for the
-      update and back.
-    prefetch: for jaxquant transforms, ``offload_prefetch`` (leaves in flight ahead).
+    tx: any Optax transform. A jaxquant 8-bit transform streams its state in chunks (see the
+      module docstring); any other moves its whole state to the device for the update and back.
+    chunk: for jaxquant transforms, ``offload_chunk`` (elements per streamed chunk).
 
   Returns:
     A transform whose ``init`` returns host-resident state and whose ``update`` returns the new
@@ -98,7 +146,7 @@ def offload_state(tx: optax.GradientTransformation, *,
   from jaxquant.optim import _core  # the core imports this module
 
   if isinstance(tx, _core.Optimizer8bit):
-    return tx.with_options(offload=True, offload_prefetch=prefetch)
+    return tx.with_options(offload=True, offload_chunk=chunk)
   _require_host_memory()
 
   def init_fn(params):

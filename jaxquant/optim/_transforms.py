@@ -110,7 +110,8 @@ def _adam_like(b1, b2, eps, eps_root, nesterov, options, **alias):
 
   def scalars(count, step):
     del count
-    return dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, c1=_inv_bias(b1, step),
+    return dict(b1=b1, b2=b2, omb1=1.0 - b1, omb2=1.0 - b2, eps=eps, eps_root=eps_root,
+                c1=_inv_bias(b1, step),
                 c2=_inv_bias(b2, step), c1_next=_inv_bias(b1, step + 1.0))
 
   return make("adam", ScaleByAdam8bitState, ("mu", "nu"), scalars,
@@ -125,7 +126,7 @@ def scale_by_lion_8bit(b1=0.9, b2=0.99, **options: Any) -> _core.Optimizer8bit:
 def _lion_like(b1, b2, options, **alias):
   _config.check_beta("b1", b1)
   _config.check_beta("b2", b2)
-  return make("lion", ScaleByLion8bitState, ("mu",), lambda c, s: dict(b1=b1, b2=b2),
+  return make("lion", ScaleByLion8bitState, ("mu",), lambda c, s: dict(b1=b1, b2=b2, omb1=1.0 - b1, omb2=1.0 - b2),
               options=options, **alias)
 
 
@@ -164,7 +165,8 @@ def _rms_like(decay, eps, initial_scale, eps_in_sqrt, bias_correction, options, 
 
   def scalars(count, step):
     del count
-    return dict(decay=decay, eps=eps, c=_inv_bias(decay, step) if bias_correction else 1.0)
+    return dict(decay=decay, omdecay=1.0 - decay, eps=eps,
+                c=_inv_bias(decay, step) if bias_correction else 1.0)
 
   return make("rmsprop", ScaleByRms8bitState, ("nu",), scalars, init_values=(init,),
               flags=(("eps_in_sqrt", bool(eps_in_sqrt)),), options=options, **alias)
@@ -205,7 +207,8 @@ def _ademamix_like(b1, b2, b3, alpha, eps, eps_root, options, **alias):
   _config.check_nonnegative("eps_root", eps_root)
 
   def scalars(count, step):
-    return dict(b1=b1, b2=b2, b3=b3(count) if callable(b3) else b3,
+    b3_t = b3(count) if callable(b3) else b3
+    return dict(b1=b1, b2=b2, b3=b3_t, omb1=1.0 - b1, omb2=1.0 - b2, omb3=1.0 - b3_t,
                 alpha=alpha(count) if callable(alpha) else alpha, eps=eps, eps_root=eps_root,
                 c1=_inv_bias(b1, step), c2=_inv_bias(b2, step))
 

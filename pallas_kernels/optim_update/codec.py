@@ -87,14 +87,29 @@ def decode(q: jax.Array, signed: bool) -> jax.Array:
   return value
 
 
-def encode(x: jax.Array, signed: bool) -> jax.Array:
+def _log2_fast(y: jax.Array) -> jax.Array:
+  """``log2(y)`` for ``y > 0`` within 0.008, from the float's exponent and a quadratic in the
+  mantissa (no transcendental call)."""
+  bits = jax.lax.bitcast_convert_type(y, jnp.int32)
+  exponent = ((bits >> 23) & 0xFF) - 127
+  m = jax.lax.bitcast_convert_type((bits & 0x7FFFFF) | 0x3F800000, jnp.float32) - 1.0
+  return exponent.astype(jnp.float32) + m + jnp.float32(0.346607) * m * (1.0 - m)
+
+
+def encode(x: jax.Array, signed: bool, fast_log: bool = False) -> jax.Array:
   """Nearest dynamic-map code (int32 in 0..255) of ``x`` already scaled to [-1, 1].
 
   ``x`` must be finite; callers scale by ``1 / absmax`` with all-zero blocks mapped to 0.
+  With ``fast_log`` the decade comes from :func:`_log2_fast`: its error (< 0.0023 decades)
+  only matters within 0.6% of a power of ten, where both candidate decades give the same code:
+  the nearest code there is the last one of the lower decade (its midpoint to the next decade
+  lies at least 1.4% above the power of ten, its midpoint to its own predecessor at least 0.7%
+  below).
   """
   extra = 0 if signed else 1
-  y = jnp.abs(x)
-  l10 = jnp.log2(jnp.maximum(y, jnp.float32(1e-12))) * jnp.float32(_LOG10_2)
+  y = jnp.maximum(jnp.abs(x), jnp.float32(1e-12))
+  log2 = _log2_fast(y) if fast_log else jnp.log2(y)
+  l10 = log2 * jnp.float32(_LOG10_2)
   i = jnp.clip(jnp.floor(l10).astype(jnp.int32) + 7, 0, 6)
   n_log2 = i + extra
   n = (1 << n_log2).astype(jnp.float32)

@@ -11,7 +11,8 @@ Every family computes a *direction* ``d`` and the new state from the gradient; t
 so an Optax ``scale_by_*`` transform is ``lr = -1, wd = 0`` (``u = d``) and an alias such as
 ``adamw`` folds its decoupled weight decay and learning rate into the same pass. Hyperparameters
 travel as one float32 vector (traced, so schedules and ``optax.inject_hyperparams`` do not
-recompile); flags that change the program (``nesterov``, ``eps_in_sqrt``) are static.
+recompile). ``omb1`` etc. hold ``1 - b1`` computed by the caller (in double precision for
+Python numbers, as Optax does, rather than from the float32 ``b1``); flags that change the program (``nesterov``, ``eps_in_sqrt``) are static.
 
 Formulas are Optax's (``scale_by_adam``, ``scale_by_lion``, ``trace``, ``scale_by_rms``,
 ``scale_by_rss``, ``contrib.scale_by_ademamix``), which equal bitsandbytes' kernels up to the
@@ -72,10 +73,10 @@ def hparam_index(family: Family, name: str) -> int:
 
 def _adam(g, states, h, flags):
   m, v = states
-  m = h["b1"] * m + (1.0 - h["b1"]) * g
-  v = h["b2"] * v + (1.0 - h["b2"]) * (g * g)
+  m = h["b1"] * m + h["omb1"] * g
+  v = h["b2"] * v + h["omb2"] * (g * g)
   if flags["nesterov"]:
-    m_hat = h["b1"] * m * h["c1_next"] + (1.0 - h["b1"]) * g * h["c1"]
+    m_hat = h["b1"] * m * h["c1_next"] + h["omb1"] * g * h["c1"]
   else:
     m_hat = m * h["c1"]
   direction = m_hat / (jnp.sqrt(v * h["c2"] + h["eps_root"]) + h["eps"])
@@ -90,8 +91,8 @@ def _sign(x):
 def _lion(g, states, h, flags):
   del flags
   (m,) = states
-  direction = _sign(h["b1"] * m + (1.0 - h["b1"]) * g)
-  m = h["b2"] * m + (1.0 - h["b2"]) * g
+  direction = _sign(h["b1"] * m + h["omb1"] * g)
+  m = h["b2"] * m + h["omb2"] * g
   return direction, (m,)
 
 
@@ -105,16 +106,16 @@ def _momentum(g, states, h, flags):
 def _ademamix(g, states, h, flags):
   del flags
   m1, m2, nu = states
-  m1 = h["b1"] * m1 + (1.0 - h["b1"]) * g
-  m2 = h["b3"] * m2 + (1.0 - h["b3"]) * g
-  nu = h["b2"] * nu + (1.0 - h["b2"]) * (g * g)
+  m1 = h["b1"] * m1 + h["omb1"] * g
+  m2 = h["b3"] * m2 + h["omb3"] * g
+  nu = h["b2"] * nu + h["omb2"] * (g * g)
   direction = (m1 * h["c1"] + h["alpha"] * m2) / (jnp.sqrt(nu * h["c2"] + h["eps_root"]) + h["eps"])
   return direction, (m1, m2, nu)
 
 
 def _rmsprop(g, states, h, flags):
   (nu,) = states
-  nu = h["decay"] * nu + (1.0 - h["decay"]) * (g * g)
+  nu = h["decay"] * nu + h["omdecay"] * (g * g)
   nu_hat = nu * h["c"]
   if flags["eps_in_sqrt"]:
     direction = g * jax.lax.rsqrt(nu_hat + h["eps"])
@@ -134,13 +135,15 @@ def _adagrad(g, states, h, flags):
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("adam", (True, False), ("b1", "b2", "eps", "eps_root", "c1", "c2", "c1_next"),
+        Family("adam", (True, False),
+               ("b1", "b2", "omb1", "omb2", "eps", "eps_root", "c1", "c2", "c1_next"),
                ("nesterov",), _adam),
-        Family("lion", (True,), ("b1", "b2"), (), _lion),
+        Family("lion", (True,), ("b1", "b2", "omb1", "omb2"), (), _lion),
         Family("momentum", (True,), ("beta",), ("nesterov",), _momentum),
         Family("ademamix", (True, True, False),
-               ("b1", "b2", "b3", "alpha", "eps", "eps_root", "c1", "c2"), (), _ademamix),
-        Family("rmsprop", (False,), ("decay", "eps", "c"), ("eps_in_sqrt",), _rmsprop),
+               ("b1", "b2", "b3", "omb1", "omb2", "omb3", "alpha", "eps", "eps_root", "c1",
+                "c2"), (), _ademamix),
+        Family("rmsprop", (False,), ("decay", "omdecay", "eps", "c"), ("eps_in_sqrt",), _rmsprop),
         Family("adagrad", (False,), ("eps",), (), _adagrad),
     )
 }

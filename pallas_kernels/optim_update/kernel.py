@@ -39,11 +39,13 @@ class KernelConfig:
     num_warps: Triton warps per program.
     num_stages: Triton pipelining stages.
     decode: ``"arith"`` (no table lookups) or ``"table"`` (gather from the map).
+    fast_log: encode with the bit-level ``log2`` of ``codec._log2_fast`` instead of ``log2``.
   """
   max_rows: int = 16
   num_warps: int = 8
   num_stages: int = 1
-  decode: str = "arith"
+  decode: str = "table"
+  fast_log: bool = True
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -57,14 +59,14 @@ def rows_per_program(n_blocks: int, max_rows: int) -> int:
   return rows
 
 
-def _quantize(s, signed):
+def _quantize(s, signed, fast_log):
   absmax = jnp.max(jnp.abs(s), axis=1)
   safe = jnp.where(absmax > 0, absmax, 1.0)
   recip = jnp.where(absmax > 0, 1.0 / safe, 0.0)
-  return codec.encode(s * recip[:, None], signed).astype(jnp.uint8), absmax
+  return codec.encode(s * recip[:, None], signed, fast_log).astype(jnp.uint8), absmax
 
 
-def _body(*refs, fam, flags, write, has_p, table, n_states):
+def _body(*refs, fam, flags, write, has_p, table, n_states, fast_log):
   it = iter(refs)
   hp_ref, g_ref = next(it), next(it)
   p_ref = next(it) if has_p else None
@@ -90,7 +92,7 @@ def _body(*refs, fam, flags, write, has_p, table, n_states):
   u = families.epilogue(direction, p, h)
   out_ref[...] = (p + u).astype(out_ref.dtype) if write == "param" else u.astype(out_ref.dtype)
   for k in range(n_states):
-    codes, absmax = _quantize(new[k], fam.signed[k])
+    codes, absmax = _quantize(new[k], fam.signed[k], fast_log)
     qo_refs[k][...] = codes
     ao_refs[k][...] = absmax
 
@@ -146,7 +148,8 @@ def update_8bit(g: jax.Array, p: jax.Array | None, codes: tuple[jax.Array, ...],
                + [jax.ShapeDtypeStruct((n_blocks,), jnp.float32)] * n_states)
   out_specs = [tile] + [tile] * n_states + [row] * n_states
   body = functools.partial(_body, fam=fam, flags=families.flag_dict(fam, flags), write=write,
-                           has_p=has_p, table=table, n_states=n_states)
+                           has_p=has_p, table=table, n_states=n_states,
+                           fast_log=config.fast_log)
   _silence_triton_deprecation()
   outs = pl.pallas_call(
       body, out_shape=out_shape, grid=(n_blocks // rows,), in_specs=in_specs,
