@@ -59,14 +59,17 @@ class GemmConfig:
 
 
 def gemm_config(m: int, n: int, k: int) -> GemmConfig:
-  """Heuristic tiles (measured on an H100 for N = K = 8192; see benchmarks/int8_matmul.py)."""
+  """Heuristic tiles, the fastest measured on an H100 for N = K = 8192
+  (benchmarks/int8_matmul.py --sweep)."""
   del n, k
   if m <= 16:
-    return GemmConfig(block_m=16, block_n=32, block_k=256, group_m=1, num_warps=4, num_stages=4)
+    return GemmConfig(block_m=16, block_n=32, block_k=512, group_m=1, num_warps=4, num_stages=3)
   if m <= 256:
-    return GemmConfig(block_m=64, block_n=128, block_k=128, group_m=8, num_warps=4,
-                      num_stages=4)
-  return GemmConfig()
+    return GemmConfig(block_m=64, block_n=128, block_k=256, group_m=8, num_warps=4,
+                      num_stages=3)
+  if m <= 1024:
+    return GemmConfig(block_m=128, block_n=256, block_k=128)
+  return GemmConfig(block_m=256, block_n=128, block_k=128)
 
 
 def supports(a_q, a_stats, w_q, w_stats, bias=None, x_out=None, w_out=None, *,

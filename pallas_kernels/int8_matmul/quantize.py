@@ -58,7 +58,8 @@ def quant_config(m: int, k: int) -> QuantConfig:
   block_k = max(32, _common.pow2_at_least(k))
   if block_k > 16384:
     block_k = 4096
-  return QuantConfig(block_m=1, block_k=block_k, num_warps=8 if block_k >= 4096 else 4)
+  num_warps = 16 if block_k >= 8192 else (8 if block_k >= 2048 else 4)
+  return QuantConfig(block_m=1, block_k=block_k, num_warps=num_warps)
 
 
 def supports(x: jax.Array, *, threshold: float = 0.0) -> bool:

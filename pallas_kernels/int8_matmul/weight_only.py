@@ -1,13 +1,14 @@
 """Weight-only int8 matmuls: an int8 weight against 16-bit activations, decoded in registers.
 
-Forward ``y = (x @ w_q.T) * (w_stats / 127) + bias``. Up to ``gemv.MAX_ROWS`` rows (decode)
-the CUDA-core GEMV of :mod:`gemv` streams the weight once. Above, each int8 weight tile is
-decoded to the activation dtype (exact: an int8 fits a bfloat16/float16 significand) right
-before a tensor-core product, and the per-output-row scale is applied once to the float32
-accumulator; ``w_lhs`` puts the weight tile on the left (it stays in registers and ``x`` only
-fills the small MMA side); the reduction can be split over ``split_k`` programs whose float32
-partial sums are added afterwards. Beyond ``MAX_KERNEL_M`` rows XLA's fused convert+GEMM was
-faster, so :func:`supports` declines and the dispatcher runs the reference there.
+Forward ``y = (x @ w_q.T) * (w_stats / 127) + bias``: each int8 weight tile is decoded to the
+activation dtype with integer operations (exact: an int8 fits a bfloat16/float16 significand)
+right before a tensor-core product, and the per-output-row scale is applied once to the
+float32 accumulator. For a few rows of ``x`` (decode) the product runs on 16-row tiles and the
+whole cost is reading the weight once; above, ``w_lhs`` puts the weight tile on the left of the
+product (it stays in registers and ``x`` fills the other side); the reduction can be split
+over ``split_k`` programs whose float32 partial sums are added afterwards. Beyond
+``MAX_KERNEL_M`` rows XLA's fused convert+GEMM was faster, so :func:`supports` declines and
+the dispatcher runs the reference there.
 
 Backward ``dx = g @ dequant(w)``: the scale runs along the reduction, so each weight tile is
 dequantized in float32 and rounded to the dtype of ``g`` exactly as the reference does.
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.int8_matmul import _common, gemv
+from pallas_kernels.int8_matmul import _common
 from pallas_kernels.int8_matmul.reference import DEQUANT_SCALE
 
 __all__ = ["WeightOnlyConfig", "weight_only_config", "grad_config", "weight_only_matmul",
@@ -31,7 +32,7 @@ __all__ = ["WeightOnlyConfig", "weight_only_config", "grad_config", "weight_only
 ACT_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 # Above this many rows XLA's own weight-only product (the int8 -> bf16 convert fused into
 # its GEMM) was faster on the H100 than these kernels: supports() sends larger M there.
-MAX_KERNEL_M = 128
+MAX_KERNEL_M = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +66,18 @@ class WeightOnlyConfig:
       raise ValueError(f"WeightOnlyConfig blocks must be >= 16, got {self}")
 
 
-def weight_only_config(m: int, n: int, k: int) -> WeightOnlyConfig | gemv.GemvConfig:
-  """Heuristic tiles for the forward (measured on an H100; see benchmarks/int8_matmul.py):
-  the CUDA-core GEMV up to ``gemv.MAX_ROWS`` rows, tensor-core tiles above."""
+def weight_only_config(m: int, n: int, k: int) -> WeightOnlyConfig:
+  """Heuristic tiles for the forward, the fastest measured on an H100 for N = K = 8192
+  (benchmarks/int8_matmul.py --sweep): 16-row tiles for decode, the weight tile on the left
+  of the product above."""
   del n, k
-  if m <= gemv.MAX_ROWS:
-    return gemv.GemvConfig()
   if m <= 16:
-    return WeightOnlyConfig(block_m=16, block_n=64, block_k=256, w_lhs=True)
-  return WeightOnlyConfig(block_m=128, block_n=64, block_k=128, w_lhs=False)
+    return WeightOnlyConfig(block_m=16, block_n=32, block_k=512, w_lhs=False)
+  if m <= 128:
+    return WeightOnlyConfig(block_m=max(16, min(128, _common.pow2_at_least(m))), block_n=64,
+                            block_k=128, w_lhs=True)
+  return WeightOnlyConfig(block_m=256, block_n=128, block_k=64, w_lhs=True, num_warps=8,
+                          num_stages=3)
 
 
 def grad_config(m: int, n: int, k: int) -> WeightOnlyConfig:
@@ -148,7 +152,7 @@ def _forward_kernel(x_ref, w_ref, sw_ref, *refs, cfg: WeightOnlyConfig, has_bias
 @functools.partial(jax.jit, static_argnames=("interpret", "config"))
 def weight_only_matmul(x: jax.Array, w_q: jax.Array, w_stats: jax.Array,
                        bias: jax.Array | None = None, *, interpret: bool = False,
-                       config: WeightOnlyConfig | gemv.GemvConfig | None = None) -> jax.Array:
+                       config: WeightOnlyConfig | None = None) -> jax.Array:
   """``x @ dequant(w_q).T + bias`` reading the int8 weight once.
 
   Args:
@@ -156,8 +160,7 @@ def weight_only_matmul(x: jax.Array, w_q: jax.Array, w_stats: jax.Array,
     w_q: ``int8 (N, K)`` row-quantized weight; ``w_stats``: ``float32 (N,)`` its row absmax.
     bias: ``(N,)`` or None.
     interpret: run in the Pallas interpreter.
-    config: a :class:`WeightOnlyConfig` (tensor cores) or a :class:`gemv.GemvConfig`
-      (CUDA cores, ``M <= gemv.MAX_ROWS``); ``None`` picks :func:`weight_only_config`.
+    config: tiles; ``None`` picks :func:`weight_only_config`.
 
   Returns:
     ``(M, N)`` in ``x.dtype``: ``(x @ w_q.T)`` accumulated in float32, times
@@ -171,10 +174,7 @@ def weight_only_matmul(x: jax.Array, w_q: jax.Array, w_stats: jax.Array,
   if split > 1 and _common.cdiv(k, cfg.block_k) % split:
     split = 1
   cfg = dataclasses.replace(cfg, split_k=split)
-  if isinstance(cfg, gemv.GemvConfig):
-    y = gemv.gemv_call(x, w_q, w_stats, bias, cfg=cfg, interpret=interpret)
-  else:
-    y = _mma_call(x, w_q, w_stats, bias, cfg=cfg, interpret=interpret)
+  y = _mma_call(x, w_q, w_stats, bias, cfg=cfg, interpret=interpret)
   if split == 1:
     return y
   y = jnp.sum(y, axis=0) * (w_stats.astype(jnp.float32) * jnp.float32(DEQUANT_SCALE))[None, :]

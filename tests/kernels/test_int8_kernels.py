@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import jaxquant as jq
 from jaxquant import _dispatch
 from jaxquant.functional import int8_matmul, int8_weight_only_linear
-from pallas_kernels.int8_matmul import gemm, gemv, linear, quantize, reference, weight_only
+from pallas_kernels.int8_matmul import gemm, linear, quantize, reference, weight_only
 from tests.helpers import count_pallas_calls, rel_error
 
 M_VALUES = (1, 7, 64, 512)
@@ -144,16 +144,14 @@ def test_w8a8_linear_threshold_zero(request):
 
 
 WEIGHT_ONLY_CONFIGS = {
-    1: gemv.GemvConfig(block_n=32, block_k=64, split_k=2),
-    3: gemv.GemvConfig(block_n=16, block_k=128),
-    5: weight_only.WeightOnlyConfig(block_m=16, block_n=32, block_k=64, split_k=2),
+    1: weight_only.WeightOnlyConfig(block_m=16, block_n=32, block_k=64, split_k=2),
     7: weight_only.WeightOnlyConfig(block_m=16, block_n=64, block_k=128, bit_decode=False),
     64: weight_only.WeightOnlyConfig(block_m=32, block_n=64, block_k=64, w_lhs=False),
     512: None,
 }
 
 
-@pytest.mark.parametrize("m", sorted(WEIGHT_ONLY_CONFIGS))
+@pytest.mark.parametrize("m", M_VALUES)
 def test_weight_only_kernel(request, m):
   rng = _rng(request)
   dtype = jnp.float16 if m == 7 else jnp.bfloat16
@@ -321,8 +319,7 @@ def test_gpu_weight_only_and_grad(request, m, dtype):
   state = _weight(rng, GPU_N, GPU_K)
   bias = jnp.asarray(rng.standard_normal(GPU_N), dtype)
   fn = jax.jit(lambda x: int8_weight_only_linear(x, state, bias, backend="pallas"))
-  name = "jaxquant_int8_gemv" if m <= gemv.MAX_ROWS else "jaxquant_int8_weight_only"
-  calls = count_pallas_calls(fn, x, name=name)
+  calls = count_pallas_calls(fn, x, name="jaxquant_int8_weight_only")
   assert calls >= 1 if m <= weight_only.MAX_KERNEL_M else calls == 0  # large M: XLA is faster
   fn(x)
   _poison(((m, GPU_N), dtype))
@@ -330,8 +327,6 @@ def test_gpu_weight_only_and_grad(request, m, dtype):
   _close(y, int8_weight_only_linear(x, state, bias, backend="xla"), 4e-3)
   configs = [weight_only.WeightOnlyConfig(block_m=16, block_n=64, block_k=128, split_k=4),
              weight_only.WeightOnlyConfig(block_m=64, block_n=128, block_k=64, w_lhs=True)]
-  if m <= gemv.MAX_ROWS:
-    configs.append(gemv.GemvConfig(block_n=64, block_k=256, split_k=2))
   for cfg in configs:
     y = weight_only.weight_only_matmul(x, state.data, state.absmax, bias, config=cfg)
     _close(y, int8_weight_only_linear(x, state, bias, backend="xla"), 4e-3)
