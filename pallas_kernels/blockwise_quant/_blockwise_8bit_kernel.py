@@ -75,21 +75,29 @@ def _search(s: jax.Array, code_ref) -> jax.Array:
 
 
 def _quantize_kernel(x_ref, code_ref, q_ref, absmax_ref, *, prog: Program, interpret: bool):
-  x = _common.load_flat(x_ref, prog, prog.elems, prog.n)
-  x = x.astype(jnp.float32).reshape(prog.rows, prog.blocksize)
-  absmax = _common.row_absmax(x)
-  s = x * _common.reciprocal(absmax, interpret)[:, None]
-  q = _search(s, code_ref).astype(jnp.uint8).reshape(prog.elems)
-  _common.store_flat(q_ref, q, prog, prog.n)
-  _common.store_flat(absmax_ref, absmax, prog, prog.n_blocks)
+  def load(t):
+    return _common.load_tile(x_ref, prog, t, prog.elems, prog.n)
+
+  def process(t, x):
+    x = x.astype(jnp.float32).reshape(prog.rows, prog.blocksize)
+    absmax = _common.row_absmax(x)
+    s = x * _common.reciprocal(absmax, interpret)[:, None]
+    q = _search(s, code_ref).astype(jnp.uint8).reshape(prog.elems)
+    _common.store_tile(q_ref, q, prog, t, prog.n)
+    _common.store_tile(absmax_ref, absmax, prog, t, prog.n_blocks)
+
+  prog.for_each_tile([load], process)
 
 
 def _dequantize_kernel(q_ref, absmax_ref, code_ref, out_ref, *, prog: Program, dtype):
-  q = _common.load_flat(q_ref, prog, prog.elems, prog.n)
-  q = q.astype(jnp.int32).reshape(prog.rows, prog.blocksize)
-  absmax = _common.load_flat(absmax_ref, prog, prog.rows, prog.n_blocks)
-  values = code_ref[q] * absmax[:, None]
-  _common.store_flat(out_ref, values.astype(dtype).reshape(prog.elems), prog, prog.n)
+  def process(t, q, absmax):
+    q = q.astype(jnp.int32).reshape(prog.rows, prog.blocksize)
+    values = code_ref[q] * absmax[:, None]
+    _common.store_tile(out_ref, values.astype(dtype).reshape(prog.elems), prog, t, prog.n)
+
+  prog.for_each_tile([lambda t: _common.load_tile(q_ref, prog, t, prog.elems, prog.n),
+                      lambda t: _common.load_tile(absmax_ref, prog, t, prog.rows, prog.n_blocks)],
+                     process)
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "interpret", "config"))
@@ -119,10 +127,8 @@ def quantize_8bit(x: jax.Array, code: jax.Array, *, blocksize: int, interpret: b
       functools.partial(_quantize_kernel, prog=prog, interpret=interpret),
       prog=prog,
       operands=[x.reshape(-1), code.astype(jnp.float32).reshape(-1)],
-      in_specs=[pl.BlockSpec((prog.elems,), lambda i: (i,)),
-                pl.BlockSpec((256,), lambda i: (0,))],
-      out_specs=[pl.BlockSpec((prog.elems,), lambda i: (i,)),
-                 pl.BlockSpec((prog.rows,), lambda i: (i,))],
+      in_specs=[prog.spec(prog.elems), pl.BlockSpec((256,), lambda i: (0,))],
+      out_specs=[prog.spec(prog.elems), prog.spec(prog.rows)],
       out_shape=[jax.ShapeDtypeStruct((prog.n,), jnp.uint8),
                  jax.ShapeDtypeStruct((prog.n_blocks,), jnp.float32)],
       config=config, interpret=interpret, name=QUANTIZE_KERNEL_NAME,
@@ -161,10 +167,9 @@ def dequantize_8bit(codes: jax.Array, absmax: jax.Array, code: jax.Array, *, blo
       prog=prog,
       operands=[codes.reshape(-1), absmax.astype(jnp.float32).reshape(-1),
                 code.astype(jnp.float32).reshape(-1)],
-      in_specs=[pl.BlockSpec((prog.elems,), lambda i: (i,)),
-                pl.BlockSpec((prog.rows,), lambda i: (i,)),
+      in_specs=[prog.spec(prog.elems), prog.spec(prog.rows),
                 pl.BlockSpec((256,), lambda i: (0,))],
-      out_specs=[pl.BlockSpec((prog.elems,), lambda i: (i,))],
+      out_specs=[prog.spec(prog.elems)],
       out_shape=[jax.ShapeDtypeStruct((prog.n,), dtype)],
       config=config, interpret=interpret, name=DEQUANTIZE_KERNEL_NAME,
       initial_outputs=None if initial_output is None else [initial_output])

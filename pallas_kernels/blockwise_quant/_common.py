@@ -17,15 +17,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["KernelConfig", "Program", "launch", "compiler_params", "reciprocal", "mul_rn", "rounded", "row_absmax",
-           "load_flat", "store_flat", "silence_triton_deprecation", "is_power_of_two",
+__all__ = ["KernelConfig", "Program", "Tile", "launch", "compiler_params", "reciprocal", "mul_rn", "rounded", "row_absmax",
+           "load_tile", "store_tile", "silence_triton_deprecation", "is_power_of_two",
            "INDEX_LIMIT"]
 
 # Element offsets are int32 inside the kernels.
@@ -37,42 +37,62 @@ class KernelConfig:
   """Launch parameters of one kernel (static).
 
   Attributes:
-    elems_per_program: elements handled by one program (power of two); a program covers
+    elems_per_program: elements of one tile (power of two); a tile covers
       ``max(1, elems_per_program // blocksize)`` quantization blocks.
+    tiles_per_program: tiles one program processes in a loop; the next tile's loads are issued
+      before the current tile is processed, so memory latency overlaps the arithmetic.
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining stages.
     encoder: 4-bit quantize only: ``"table"`` (bin lookup, see ``_encode4.py``) or
       ``"compare"`` (one comparison per threshold).
+    eviction_policy: cache eviction hint for the streamed input (``None`` or Triton's
+      ``"evict_first"`` / ``"evict_last"``).
   """
   elems_per_program: int = 8192
+  tiles_per_program: int = 1
   num_warps: int = 4
   num_stages: int = 1
   encoder: str = "table"
+  eviction_policy: str | None = None
 
 
 def is_power_of_two(v: int) -> bool:
   return isinstance(v, int) and v > 0 and v & (v - 1) == 0
 
 
+class Tile(NamedTuple):
+  """A tile of a program: ``local`` index among its tiles, global ``index`` in the array."""
+  local: Any
+  index: Any
+
+
 @dataclasses.dataclass(frozen=True)
 class Program:
   """Static geometry of a launch over ``n`` elements in blocks of ``blocksize``.
 
+  A program processes ``tiles`` consecutive tiles of ``rows`` blocks each.
+
   Attributes:
     n: elements in the (flat) array.
     blocksize: elements per quantization block.
-    rows: blocks per program.
+    rows: blocks per tile.
+    tiles: tiles per program.
   """
   n: int
   blocksize: int
   rows: int
+  tiles: int = 1
 
   @classmethod
   def make(cls, n: int, blocksize: int, config: KernelConfig) -> "Program":
-    return cls(n=n, blocksize=blocksize, rows=max(1, config.elems_per_program // blocksize))
+    rows = max(1, config.elems_per_program // blocksize)
+    # No more tiles per program than the array has.
+    tiles = max(1, min(config.tiles_per_program, -(-n // (rows * blocksize))))
+    return cls(n=n, blocksize=blocksize, rows=rows, tiles=tiles)
 
   @property
   def elems(self) -> int:
+    """Elements per tile."""
     return self.rows * self.blocksize
 
   @property
@@ -81,22 +101,45 @@ class Program:
 
   @property
   def grid(self) -> tuple[int]:
-    return (-(-self.n // self.elems),)
+    return (-(-self.n // (self.elems * self.tiles)),)
 
   @property
   def ragged(self) -> bool:
     """True when the last program overhangs the array (its accesses need masks)."""
-    return self.n % self.elems != 0
+    return self.n % (self.elems * self.tiles) != 0
 
-  def element_index(self) -> jax.Array:
-    """Global element indices of this program, ``int32 (rows, blocksize)``."""
-    base = pl.program_id(0) * self.elems
-    return base + jax.lax.broadcasted_iota(jnp.int32, (self.rows, self.blocksize), 0) * \
-        self.blocksize + jax.lax.broadcasted_iota(jnp.int32, (self.rows, self.blocksize), 1)
+  def element_index(self, t: Tile) -> jax.Array:
+    """Global element indices of tile ``t``, ``int32 (rows, blocksize)``."""
+    shape = (self.rows, self.blocksize)
+    return t.index * self.elems + jax.lax.broadcasted_iota(jnp.int32, shape, 0) * \
+        self.blocksize + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
 
-  def block_index(self) -> jax.Array:
-    """Global block (row) indices of this program, ``int32 (rows,)``."""
-    return pl.program_id(0) * self.rows + jax.lax.broadcasted_iota(jnp.int32, (self.rows,), 0)
+  def block_index(self, t: Tile) -> jax.Array:
+    """Global block (row) indices of tile ``t``, ``int32 (rows,)``."""
+    return t.index * self.rows + jax.lax.broadcasted_iota(jnp.int32, (self.rows,), 0)
+
+  def spec(self, per_tile: int) -> pl.BlockSpec:
+    """Block spec of a flat array holding ``per_tile`` entries per tile."""
+    return pl.BlockSpec((per_tile * self.tiles,), lambda i: (i,))
+
+  def for_each_tile(self, loads: Sequence[Callable[[Tile], jax.Array]],
+                    process: Callable[..., None]) -> None:
+    """``process(t, *[load(t) for load in loads])`` for each :class:`Tile` ``t`` of this
+    program; with several tiles the loads of the next tile are issued before a tile is
+    processed."""
+    first = pl.program_id(0) * self.tiles  # outside the loop: the interpreter needs it there
+    if self.tiles == 1:
+      tile = Tile(0, first)
+      process(tile, *[load(tile) for load in loads])
+      return
+
+    def body(t, current):
+      following = jnp.minimum(t + 1, self.tiles - 1)
+      upcoming = tuple(load(Tile(following, first + following)) for load in loads)
+      process(Tile(t, first + t), *current)
+      return upcoming
+
+    jax.lax.fori_loop(0, self.tiles, body, tuple(load(Tile(0, first)) for load in loads))
 
 
 def compiler_params(config: KernelConfig) -> pltriton.CompilerParams:
@@ -150,27 +193,37 @@ def row_absmax(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(jnp.max(bits, axis=1), jnp.float32)
 
 
-def load_flat(ref, prog: Program, size: int, limit: int, other=0):
-  """Load this program's ``size`` consecutive values of a blocked flat ``ref``; values at
-  global positions ``>= limit`` read as ``other`` when the program overhangs."""
-  if prog.ragged or limit % size:
-    start = pl.program_id(0) * size
-    mask = start + jax.lax.broadcasted_iota(jnp.int32, (size,), 0) < limit
-    return pltriton.load(ref, mask=mask, other=other)
-  return ref[...]
+def _tile_mask(t: Tile, size: int, limit: int):
+  start = t.index * size
+  return start + jax.lax.broadcasted_iota(jnp.int32, (size,), 0) < limit
 
 
-def store_flat(ref, value: jax.Array, prog: Program, limit: int) -> None:
-  """Store ``value (size,)`` into this program's block of a flat ``ref``, skipping global
-  positions ``>= limit``."""
+def _needs_mask(prog: Program, size: int, limit: int) -> bool:
+  return prog.ragged or limit % (size * prog.tiles) != 0
+
+
+def load_tile(ref, prog: Program, t: Tile, size: int, limit: int, other=0,
+              eviction_policy: str | None = None) -> jax.Array:
+  """Load tile ``t`` (``size`` consecutive entries) of this program's block of a flat ``ref``
+  holding ``limit`` entries; entries past ``limit`` read as ``other``."""
+  view = ref.at[pl.ds(t.local * size, size)] if prog.tiles > 1 else ref
+  if _needs_mask(prog, size, limit):
+    return pltriton.load(view, mask=_tile_mask(t, size, limit), other=other,
+                         eviction_policy=eviction_policy)
+  if eviction_policy is not None:
+    return pltriton.load(view, eviction_policy=eviction_policy)
+  return view[...]
+
+
+def store_tile(ref, value: jax.Array, prog: Program, t: Tile, limit: int) -> None:
+  """Store ``value (size,)`` as tile ``t`` of this program's block of a flat ``ref`` holding
+  ``limit`` entries (entries past ``limit`` are not written)."""
   size = value.shape[0]
-  if prog.ragged or limit % size:
-    start = pl.program_id(0) * size
-    mask = start + jax.lax.broadcasted_iota(jnp.int32, (size,), 0) < limit
-    pltriton.store(ref, value, mask=mask)
+  view = ref.at[pl.ds(t.local * size, size)] if prog.tiles > 1 else ref
+  if _needs_mask(prog, size, limit):
+    pltriton.store(view, value, mask=_tile_mask(t, size, limit))
   else:
-    ref[...] = value
-
+    view[...] = value
 
 def launch(kernel: Callable[..., None], *, prog: Program, operands: Sequence[jax.Array],
            in_specs: Sequence[pl.BlockSpec], out_specs: Sequence[pl.BlockSpec],

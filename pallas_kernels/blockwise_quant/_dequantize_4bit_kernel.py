@@ -49,29 +49,38 @@ def unpack_nibbles(packed: jax.Array, rows: int, blocksize: int) -> jax.Array:
   return ((pairs >> shift) & 15).reshape(rows, blocksize)
 
 
-def decode_absmax(absmax: jax.Array, prog: Program, nested_refs, nested_blocksize: int,
+def decode_absmax(absmax: jax.Array, prog: Program, t, nested_refs, nested_blocksize: int,
                   interpret: bool) -> jax.Array:
-  """float32 absmax ``(rows,)`` of this program from its stored entries ``(rows,)``."""
+  """float32 absmax ``(rows,)`` of tile ``t`` from its stored entries ``(rows,)``."""
   if nested_refs is None:
     return absmax.astype(jnp.float32)
   nested_absmax_ref, nested_code_ref, offset_ref = nested_refs
   n_nested = nested_absmax_ref.shape[0]
-  group = jnp.minimum(prog.block_index() // nested_blocksize, n_nested - 1)
+  group = jnp.minimum(prog.block_index(t) // nested_blocksize, n_nested - 1)
   scale = nested_absmax_ref[group]
   value = nested_code_ref[absmax.astype(jnp.int32)]
   return _common.mul_rn(value, scale, interpret) + offset_ref[...]
 
 
 def _kernel(packed_ref, absmax_ref, code_ref, *rest, prog: Program, dtype, nested: bool,
-            nested_blocksize: int, interpret: bool):
+            nested_blocksize: int, config: KernelConfig, interpret: bool):
   *nested_refs, out_ref = rest
-  packed = _common.load_flat(packed_ref, prog, prog.elems // 2, (prog.n + 1) // 2)
-  q = unpack_nibbles(packed.astype(jnp.int32), prog.rows, prog.blocksize)
-  stored = _common.load_flat(absmax_ref, prog, prog.rows, prog.n_blocks)
-  absmax = decode_absmax(stored, prog, nested_refs if nested else None, nested_blocksize,
-                         interpret)
-  values = code_ref[q] * absmax[:, None]
-  _common.store_flat(out_ref, values.astype(dtype).reshape(prog.elems), prog, prog.n)
+
+  def load_packed(t):
+    return _common.load_tile(packed_ref, prog, t, prog.elems // 2, (prog.n + 1) // 2,
+                             eviction_policy=config.eviction_policy)
+
+  def load_absmax(t):
+    return _common.load_tile(absmax_ref, prog, t, prog.rows, prog.n_blocks)
+
+  def process(t, packed, stored):
+    q = unpack_nibbles(packed.astype(jnp.int32), prog.rows, prog.blocksize)
+    absmax = decode_absmax(stored, prog, t, nested_refs if nested else None, nested_blocksize,
+                           interpret)
+    values = code_ref[q] * absmax[:, None]
+    _common.store_tile(out_ref, values.astype(dtype).reshape(prog.elems), prog, t, prog.n)
+
+  prog.for_each_tile([load_packed, load_absmax], process)
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "n", "dtype", "nested_blocksize",
@@ -113,8 +122,7 @@ def dequantize_4bit(packed: jax.Array, absmax: jax.Array, code: jax.Array,
   prog = Program.make(n, blocksize, config)
   nested = nested_absmax is not None
   operands = [packed.reshape(-1), absmax.reshape(-1), code.astype(jnp.float32).reshape(-1)]
-  in_specs = [pl.BlockSpec((prog.elems // 2,), lambda i: (i,)),
-              pl.BlockSpec((prog.rows,), lambda i: (i,)),
+  in_specs = [prog.spec(prog.elems // 2), prog.spec(prog.rows),
               pl.BlockSpec((16,), lambda i: (0,))]
   if nested:
     operands += [nested_absmax.astype(jnp.float32).reshape(-1),
@@ -125,9 +133,9 @@ def dequantize_4bit(packed: jax.Array, absmax: jax.Array, code: jax.Array,
                  pl.BlockSpec((1,), lambda i: (0,))]
   [out] = _common.launch(
       functools.partial(_kernel, prog=prog, dtype=dtype, nested=nested,
-                        nested_blocksize=nested_blocksize, interpret=interpret),
+                        nested_blocksize=nested_blocksize, config=config, interpret=interpret),
       prog=prog, operands=operands, in_specs=in_specs,
-      out_specs=[pl.BlockSpec((prog.elems,), lambda i: (i,))],
+      out_specs=[prog.spec(prog.elems)],
       out_shape=[jax.ShapeDtypeStruct((n,), dtype)],
       config=config, interpret=interpret, name=KERNEL_NAME,
       initial_outputs=None if initial_output is None else [initial_output])

@@ -58,9 +58,9 @@ def _fp4_code_of_rank(rank):
 def encoder_tables(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
   """``(threshold float32 (64,), codes uint8 (64,))`` of the ``table`` encoder.
 
-  ``codes[j] = low | high << 4``: the code of a value in bin ``j`` at or below the bin's
-  threshold, and above it. NF4 bins are of ``s``, FP4 bins of ``|s|`` (the sign is added
-  after).
+  NF4 bins are of ``s`` and ``codes[j]`` is the code of a value in bin ``j`` at or below the
+  bin's threshold (above it, one more). FP4 bins are of ``|s|`` and ``codes[j] = low | high
+  << 4``, the magnitude codes at or below and above the threshold (the sign is added after).
   """
   thresholds = _thresholds(quant_type)
   bins = _bin_numpy(thresholds)
@@ -78,8 +78,9 @@ def encoder_tables(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
     if len(inside):
       thr[j] = thresholds[inside[0]]
     if quant_type == "fp4":
-      low, high = _fp4_code_of_rank(low), _fp4_code_of_rank(high)
-    codes[j] = low | (high << 4)
+      codes[j] = _fp4_code_of_rank(low) | (_fp4_code_of_rank(high) << 4)
+    else:
+      codes[j] = low  # the code above the threshold is low + 1
   thr.setflags(write=False)
   codes.setflags(write=False)
   return thr, codes
@@ -116,7 +117,6 @@ def encode_table(s: jax.Array, thr_ref, codes_ref, quant_type: str) -> jax.Array
   idx = jax.lax.bitcast_convert_type(y, jnp.int32) & (TABLE_SIZE - 1)
   thr = thr_ref[idx]
   codes = codes_ref[idx].astype(jnp.int32)
-  code = (codes >> jnp.where(key > thr, 4, 0)) & 15
-  if quant_type == "fp4":
-    code = code | jnp.where(s < 0, 8, 0)
-  return code
+  if quant_type == "nf4":
+    return codes + (key > thr).astype(jnp.int32)
+  return ((codes >> jnp.where(key > thr, 4, 0)) & 15) | jnp.where(s < 0, 8, 0)

@@ -45,30 +45,41 @@ def _pack_pairs(codes: jax.Array) -> jax.Array:
   return jnp.sum(pairs << shift, axis=2).reshape(rows * bs // 2)
 
 
-def _kernel(x_ref, thr_ref, codes_ref, q_ref, absmax_ref, *, prog: Program, quant_type: str,
-            encoder: str, interpret: bool):
-  x = _common.load_flat(x_ref, prog, prog.elems, prog.n)
-  x = x.astype(jnp.float32).reshape(prog.rows, prog.blocksize)
+def _encode_tile(x: jax.Array, thr_ref, codes_ref, *, quant_type: str, encoder: str,
+                 interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """float32 ``(rows, bs)`` → (int32 codes ``(rows, bs)``, float32 absmax ``(rows,)``)."""
   absmax = _common.row_absmax(x)
   s = x * _common.reciprocal(absmax, interpret)[:, None]
-
   if encoder == "compare":
-    codes = _encode4.encode_compare(s, quant_type)
-  else:
-    bits = jax.lax.bitcast_convert_type(absmax, jnp.int32)
-    normal = (bits >= _NORMAL_MIN_BITS) & (bits <= _NORMAL_MAX_BITS)
-    all_normal = jnp.min(normal.astype(jnp.int32)) == 1
-    codes = jax.lax.cond(
-        all_normal,
-        lambda v: _encode4.encode_table(v, thr_ref, codes_ref, quant_type),
-        lambda v: _encode4.encode_compare(v, quant_type),
-        s)
-  if prog.n % 2:
-    # The odd tail's last nibble holds the code of 0.0, whatever the block's absmax.
-    codes = jnp.where(prog.element_index() < prog.n, codes, _encode4.pad_code(quant_type))
+    return _encode4.encode_compare(s, quant_type), absmax
+  bits = jax.lax.bitcast_convert_type(absmax, jnp.int32)
+  normal = (bits >= _NORMAL_MIN_BITS) & (bits <= _NORMAL_MAX_BITS)
+  all_normal = jnp.min(normal.astype(jnp.int32)) == 1
+  codes = jax.lax.cond(
+      all_normal,
+      lambda v: _encode4.encode_table(v, thr_ref, codes_ref, quant_type),
+      lambda v: _encode4.encode_compare(v, quant_type),
+      s)
+  return codes, absmax
 
-  _common.store_flat(q_ref, _pack_pairs(codes).astype(jnp.uint8), prog, (prog.n + 1) // 2)
-  _common.store_flat(absmax_ref, absmax, prog, prog.n_blocks)
+
+def _kernel(x_ref, thr_ref, codes_ref, q_ref, absmax_ref, *, prog: Program, quant_type: str,
+            config: KernelConfig, interpret: bool):
+  def load(t):
+    return _common.load_tile(x_ref, prog, t, prog.elems, prog.n,
+                             eviction_policy=config.eviction_policy)
+
+  def process(t, x):
+    x = x.astype(jnp.float32).reshape(prog.rows, prog.blocksize)
+    codes, absmax = _encode_tile(x, thr_ref, codes_ref, quant_type=quant_type,
+                                 encoder=config.encoder, interpret=interpret)
+    if prog.n % 2:
+      # The odd tail's last nibble holds the code of 0.0, whatever the block's absmax.
+      codes = jnp.where(prog.element_index(t) < prog.n, codes, _encode4.pad_code(quant_type))
+    _common.store_tile(q_ref, _pack_pairs(codes).astype(jnp.uint8), prog, t, (prog.n + 1) // 2)
+    _common.store_tile(absmax_ref, absmax, prog, t, prog.n_blocks)
+
+  prog.for_each_tile([load], process)
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "quant_type", "interpret", "config"))
@@ -98,13 +109,12 @@ def quantize_4bit(x: jax.Array, *, blocksize: int, quant_type: str, interpret: b
   thr, codes = _encode4.encoder_tables(quant_type)
   table_spec = pl.BlockSpec((_encode4.TABLE_SIZE,), lambda i: (0,))
   packed, absmax = _common.launch(
-      functools.partial(_kernel, prog=prog, quant_type=quant_type, encoder=config.encoder,
+      functools.partial(_kernel, prog=prog, quant_type=quant_type, config=config,
                         interpret=interpret),
       prog=prog,
       operands=[x.reshape(-1), jnp.asarray(thr), jnp.asarray(codes)],
-      in_specs=[pl.BlockSpec((prog.elems,), lambda i: (i,)), table_spec, table_spec],
-      out_specs=[pl.BlockSpec((prog.elems // 2,), lambda i: (i,)),
-                 pl.BlockSpec((prog.rows,), lambda i: (i,))],
+      in_specs=[prog.spec(prog.elems), table_spec, table_spec],
+      out_specs=[prog.spec(prog.elems // 2), prog.spec(prog.rows)],
       out_shape=[jax.ShapeDtypeStruct(((prog.n + 1) // 2,), jnp.uint8),
                  jax.ShapeDtypeStruct((prog.n_blocks,), jnp.float32)],
       config=config, interpret=interpret, name=KERNEL_NAME, initial_outputs=initial_outputs)
