@@ -13,15 +13,17 @@ from flax import linen as nn
 import jaxquant
 import jaxquant.nn as jqnn
 from tests.helpers import rel_error
-from tests.test_nn_convert import chain_tol, tokens
+from tests.test_nn_convert import chain_tol, inputs, tokens
 
 
 class MLP(nn.Module):
+  """Shapes shared with the NNX tests (d=128, hidden=256)."""
+
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(nn.Dense(128, name="up")(x))
-    x = nn.relu(nn.Dense(128, name="mid")(x))
-    return nn.Dense(32, name="down")(x)
+    x = nn.relu(nn.Dense(256, name="up")(x))
+    x = nn.relu(nn.Dense(128, name="down")(x))
+    return nn.Dense(128, name="out")(x)
 
 
 class Block(nn.Module):
@@ -68,16 +70,16 @@ def _apply(model):
     (jqnn.Dense4bit, dict(quant_type="nf4")), (jqnn.Dense4bit, dict(quant_type="fp4")),
     (jqnn.Dense8bitLt, dict(threshold=3.0))])
 def test_dense_layers_are_dropins(layer, kw):
-  x = jax.random.normal(jax.random.key(1), (5, 64))
-  ref_model = nn.Dense(48, bias_init=nn.initializers.normal(0.1))
+  x = inputs()
+  ref_model = nn.Dense(256, bias_init=nn.initializers.normal(0.1))
   ref_vars = ref_model.init(jax.random.key(0), x)
-  model = layer(48, bias_init=nn.initializers.normal(0.1), **kw)
+  model = layer(256, bias_init=nn.initializers.normal(0.1), **kw)
   variables = model.init(jax.random.key(0), x)
   assert set(variables) == {"params", "quantized"}
   assert set(variables["params"]) == {"bias"}  # the kernel lives only quantized
   np.testing.assert_array_equal(variables["params"]["bias"], ref_vars["params"]["bias"])
   state = variables["quantized"]["kernel"]
-  assert isinstance(state, jaxquant.QuantState) and state.shape == (48, 64)
+  assert isinstance(state, jaxquant.QuantState) and state.shape == (256, 128)
   # the kernel drawn is nn.Dense's draw, quantized in torch layout
   want = (jaxquant.quantize_int8(ref_vars["params"]["kernel"].T) if layer is jqnn.Dense8bitLt
           else jaxquant.quantize_4bit(ref_vars["params"]["kernel"].T, 64, True, kw["quant_type"]))
@@ -92,16 +94,16 @@ def test_dense_layers_are_dropins(layer, kw):
 
 @pytest.mark.parametrize("layer,fmt", [(jqnn.Embed4bit, "nf4"), (jqnn.Embed8bit, "int8")])
 def test_embed_layers_are_dropins(layer, fmt):
-  ids = jnp.array([[1, 5, 63], [0, 0, 7]])
-  ref_model = nn.Embed(64, 128)
+  ids = jnp.array([[1, 5, 127], [0, 0, 7]])
+  ref_model = nn.Embed(128, 128)
   ref_vars = ref_model.init(jax.random.key(0), ids)
-  model = layer(64, 128, **({"quant_type": "nf4"} if fmt == "nf4" else {}))
+  model = layer(128, 128, **({"quant_type": "nf4"} if fmt == "nf4" else {}))
   variables = model.init(jax.random.key(0), ids)
   assert set(variables) == {"quantized"}
   out = model.apply(variables, ids)
   assert out.shape == (2, 3, 128) and out.dtype == jnp.float32
   assert rel_error(out, ref_model.apply(ref_vars, ids)) < chain_tol(fmt, 1)
-  q = jax.random.normal(jax.random.key(2), (4, 128))
+  q = inputs()
   assert rel_error(model.apply(variables, q, method="attend"),
                    ref_model.apply(ref_vars, q, method="attend")) < chain_tol(fmt, 1)
 
@@ -144,7 +146,7 @@ def test_quantize_variables_of_unchanged_module(bits):
 def test_qlora_finetune_linen_under_jit(tmp_path):
   """The user's Linen model (Dense + Embed): quantize_model on its variables, LoRA adapters,
   a jitted Optax step on the adapters alone; the module code is never changed."""
-  model = LM()
+  model = LM(param_dtype=jnp.bfloat16)
   ids = tokens((4, 16))
   variables = _init(model, ids)
   qvars = jqnn.quantize_model(variables, jqnn.QuantConfig(
@@ -212,7 +214,7 @@ def test_qlora_finetune_linen_under_jit(tmp_path):
 
 def test_linen_lora_dropout_needs_rng():
   model = MLP()
-  x = jax.random.normal(jax.random.key(0), (3, 64))
+  x = inputs()
   variables = jqnn.add_lora(_init(model, x), jqnn.LoraConfig(r=4, dropout=0.5,
                                                              target_modules="all-linear"))
   lora = jax.tree.map(lambda a: a + 0.1, variables["lora"])
@@ -227,12 +229,12 @@ def test_linen_layers_take_lora_and_other_layers_are_refused():
   class WithGeneral(nn.Module):
     @nn.compact
     def __call__(self, x):
-      x = nn.DenseGeneral(64, name="general")(x)  # a 2-D kernel, but not an nn.Dense
+      x = nn.DenseGeneral(128, name="general")(x)  # a 2-D kernel, but not an nn.Dense
       x = nn.MultiHeadDotProductAttention(num_heads=2, name="mha")(x[:, None, :])[:, 0]
-      return jqnn.Dense4bit(32, name="q4")(nn.Dense(64, name="dense")(x))
+      return jqnn.Dense4bit(256, name="q4")(nn.Dense(128, name="dense")(x))
 
   model = WithGeneral()
-  x = jax.random.normal(jax.random.key(0), (3, 64))
+  x = inputs()
   variables = _init(model, x)
   qvars, summary = jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True),
                                        return_summary=True)
@@ -244,18 +246,18 @@ def test_linen_layers_take_lora_and_other_layers_are_refused():
   qvars = jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True,
                                                           skip_modules=["general"]))
   lvars = jqnn.add_lora(qvars, jqnn.LoraConfig(r=2, target_modules=["q4"]))
-  assert lvars["lora"]["q4"]["adapter"].lora_a.shape == (64, 2)
+  assert lvars["lora"]["q4"]["adapter"].lora_a.shape == (128, 2)
   np.testing.assert_allclose(jqnn.quantized_apply(model, lvars, x),
                              jqnn.quantized_apply(model, qvars, x), rtol=1e-6)
 
 
 def test_linen_bad_configs():
   model = MLP()
-  variables = _init(model, jnp.ones((2, 96)))
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((2, 96)))
   with pytest.raises(ValueError, match=r"blocksize=64 does not divide in_features=96 of layer "
                                        r"'up'"):
     jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_4bit=True))
-  with pytest.raises(ValueError, match=r"target_modules entry 'attn' matches no layer.*'mid'"):
+  with pytest.raises(ValueError, match=r"target_modules entry 'attn' matches no layer.*'out'"):
     jqnn.add_lora(variables, jqnn.LoraConfig(target_modules=["attn"]))
   with pytest.raises(ValueError, match="no LoRA adapters"):
     jqnn.merge_lora(variables)

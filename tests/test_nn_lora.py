@@ -12,7 +12,7 @@ from flax import nnx
 
 import jaxquant.nn as jqnn
 from tests.helpers import rel_error
-from tests.test_nn_convert import MLP, TinyLM, forward, tokens
+from tests.test_nn_convert import MLP, TinyLM, forward, inputs, tokens
 
 TARGETS = ["query", "value", "up", "down", "embed"]
 
@@ -82,7 +82,7 @@ def test_gradients_reach_only_lora():
   jqnn.quantize_model(model, jqnn.QuantConfig(load_in_8bit=True, skip_modules=["down"]))
   jqnn.add_lora(model, jqnn.LoraConfig(r=4, target_modules="all-linear"))
   _randomize_lora(model)
-  x = jax.random.normal(jax.random.key(0), (3, 64))
+  x = inputs()
   loss = lambda m: jnp.sum(m(x) ** 2)
   grads = nnx.grad(loss, argnums=nnx.DiffState(0, jqnn.lora_filter))(model)
   names = sorted(p[-1] for p, _ in grads.flat_state())
@@ -118,10 +118,10 @@ def _at(state, path):
 
 
 def test_add_lora_keeps_outputs_and_merges():
-  x = jax.random.normal(jax.random.key(0), (3, 64))
+  x = inputs()
   model = MLP(rngs=nnx.Rngs(0))
   ref = forward(model, x)
-  jqnn.add_lora(model, jqnn.LoraConfig(r=4, alpha=8, target_modules=["up", "mid"]))
+  jqnn.add_lora(model, jqnn.LoraConfig(r=4, alpha=8, target_modules=["up", "out"]))
   np.testing.assert_array_equal(forward(model, x), ref)  # B starts at zero
   _randomize_lora(model)
   tuned = forward(model, x)
@@ -133,7 +133,7 @@ def test_add_lora_keeps_outputs_and_merges():
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_merge_into_quantized_weights(bits):
-  x = jax.random.normal(jax.random.key(0), (3, 64))
+  x = inputs()
   model = MLP(rngs=nnx.Rngs(0))
   cfg = (jqnn.QuantConfig(load_in_4bit=True, quant_type="nf4") if bits == 4
          else jqnn.QuantConfig(load_in_8bit=True, llm_int8_threshold=0.0))
@@ -160,7 +160,7 @@ def test_save_and_load_adapters_alone(tmp_path):
 
   model = build()
   _randomize_lora(model, seed=3)
-  x = jax.random.normal(jax.random.key(0), (3, 64))
+  x = inputs()
   path = tmp_path / "adapters"
   jqnn.save_lora(path, model)
   size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -187,7 +187,7 @@ def test_lora_dropout_follows_train_eval():
   jqnn.add_lora(model, jqnn.LoraConfig(r=4, dropout=0.5, target_modules=["up"]),
                 rngs=nnx.Rngs(0))
   _randomize_lora(model)
-  x = jax.random.normal(jax.random.key(0), (3, 64))
+  x = inputs()
   model.eval()
   a, b = model(x), model(x)
   np.testing.assert_array_equal(a, b)
@@ -210,6 +210,6 @@ def test_bad_lora_configs():
     jqnn.LoraConfig(target_modules=["up", 3])
   jqnn.add_lora(model, jqnn.LoraConfig(target_modules=["up"]))
   with pytest.raises(ValueError, match="already has LoRA adapters"):
-    jqnn.add_lora(model, jqnn.LoraConfig(target_modules=["mid"]))
+    jqnn.add_lora(model, jqnn.LoraConfig(target_modules=["out"]))
   with pytest.raises(TypeError, match="LoraConfig"):
     jqnn.add_lora(model, {"r": 4})

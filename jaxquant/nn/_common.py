@@ -17,7 +17,8 @@ from jaxquant.quant_state import FOUR_BIT_TYPES, QuantState
 __all__ = [
     "output_dtype", "check_4bit_layer", "quantize_kernel_4bit", "quantize_kernel_8bit",
     "linear_4bit", "linear_8bit", "embed_lookup", "embed_attend", "dequantize_kernel",
-    "dequantize_table", "quantize_table", "constrain", "check_finite",
+    "dequantize_table", "quantize_table", "constrain", "check_finite", "requantize_like",
+    "merged_weight",
 ]
 
 QUANT_TYPES_4BIT = FOUR_BIT_TYPES
@@ -60,17 +61,24 @@ def _all_finite(w: jax.Array) -> jax.Array:
   return jnp.all(jnp.isfinite(w))
 
 
-# Conversion runs one compiled program per (shape, dtype, settings): the many same-shaped
-# layers of a model share it, and no intermediate is materialized eagerly.
-@functools.partial(jax.jit, static_argnames=("quant_type", "blocksize", "double_quant",
-                                             "transpose"))
+# Conversion runs one compiled program per (shape, dtype, settings) of the torch-layout
+# weight: the many same-shaped layers of a model (and a kernel and a table of one shape)
+# share it, and no intermediate of the quantizer is materialized eagerly.
+@functools.partial(jax.jit, static_argnames=("quant_type", "blocksize", "double_quant"))
+def _quantize_4bit_jit(w, *, quant_type, blocksize, double_quant):
+  return F.quantize_4bit(w, blocksize, double_quant, quant_type)
+
+
 def _quantize_4bit(w, *, quant_type, blocksize, double_quant, transpose):
-  return F.quantize_4bit(w.T if transpose else w, blocksize, double_quant, quant_type)
+  return _quantize_4bit_jit(w.T if transpose else w, quant_type=quant_type, blocksize=blocksize,
+                            double_quant=double_quant)
 
 
-@functools.partial(jax.jit, static_argnames=("transpose",))
+_quantize_int8_jit = jax.jit(F.quantize_int8)
+
+
 def _quantize_int8(w, *, transpose):
-  return F.quantize_int8(w.T if transpose else w)
+  return _quantize_int8_jit(w.T if transpose else w)
 
 
 def quantize_kernel_4bit(kernel: jax.Array, *, quant_type: str, blocksize: int,
@@ -112,6 +120,30 @@ def _check_fp16_range(name: str, w: jax.Array) -> None:
 @jax.jit
 def _absmax(w: jax.Array) -> jax.Array:
   return jnp.max(jnp.abs(w.astype(jnp.float32)))
+
+
+def requantize_like(state: QuantState, w: jax.Array, *, kernel: bool) -> QuantState:
+  """Quantize ``w`` with ``state``'s format and settings: a Flax kernel ``(in, out)`` when
+  ``kernel`` (stored transposed), else a table of ``state.shape``."""
+  if state.quant_type in FOUR_BIT_TYPES:
+    check_finite("merged weight", w)
+    return _quantize_4bit(w.astype(state.dtype), quant_type=state.quant_type,
+                          blocksize=state.blocksize, double_quant=state.nested, transpose=kernel)
+  _check_fp16_range("merged weight", w)
+  return _quantize_int8(w.astype(state.dtype), transpose=kernel)
+
+
+@functools.partial(jax.jit, static_argnames=("scaling", "dtype", "kernel"))
+def merged_weight(w: Any, a: jax.Array, b: jax.Array, *, scaling: float, dtype: Any,
+                  kernel: bool) -> jax.Array:
+  """``W + a @ b * scaling`` in ``dtype``, summed in float32. ``w`` is a float array (a Flax
+  kernel ``(in, out)`` or a table ``(num, features)``) or a QuantState, dequantized (and
+  transposed to ``(in, out)`` when ``kernel``); ``a`` ``(in|num, r)``, ``b`` ``(r, out|features)``."""
+  if isinstance(w, QuantState):
+    w = dequantize_table(w, jnp.float32)
+    w = w.T if kernel else w
+  delta = (a.astype(jnp.float32) @ b.astype(jnp.float32)) * jnp.float32(scaling)
+  return (w.astype(jnp.float32) + delta).astype(dtype)
 
 
 def dequantize_kernel(state: QuantState, dtype: DTypeLike) -> jax.Array:

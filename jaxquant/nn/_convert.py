@@ -4,6 +4,7 @@ quantized ones, with a progress bar and a report of bytes before and after."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Iterable, Mapping
 
@@ -19,6 +20,8 @@ from jaxquant.nn._linear import Linear4bit, Linear8bitLt
 
 __all__ = ["quantize_model", "dequantize_model", "QuantSummary", "LayerReport",
            "memory_footprint", "PROGRESS_MIN_PARAMS"]
+
+logger = logging.getLogger("jaxquant.nn")
 
 #: ``progress=None`` shows a progress bar when the layers to convert hold at least this many
 #: weights.
@@ -168,6 +171,8 @@ def quantize_model(model: Any, config: QuantConfig, *, progress: bool | None = N
                     f"'params'), got {type(model).__name__}")
   if verbose:
     print(summary)
+  logger.info("quantize_model: %d layers, %s B -> %s B (%.3fx of bfloat16)", len(summary.layers),
+              f"{summary.bytes_before:,}", f"{summary.bytes_after:,}", summary.ratio_vs_bf16)
   return (result, summary) if return_summary else result
 
 
@@ -177,10 +182,16 @@ def _quantize_nnx(model: nnx.Module, config: QuantConfig, progress: bool | None)
   names: list[str] = []
   for name, module in iter_modules(model):
     kind = type(module)
+    if isinstance(module, _NOT_CONVERTED):
+      skipped.append((name, f"{kind.__name__} is not converted (only nnx.Linear / nnx.Embed)"))
+      continue
     if kind is not nnx.Linear and kind is not nnx.Embed:
       continue
     names.append(name)
-    if config.skips(name):
+    if _weight(module).ndim != 2:
+      skipped.append((name, f"weight of shape {tuple(_weight(module).shape)} is not 2-D "
+                            "(a scanned or vmapped stack of layers)"))
+    elif config.skips(name):
       skipped.append((name, "skip_modules"))
     elif kind is nnx.Embed and not config.quantize_embeddings:
       skipped.append((name, "quantize_embeddings=False"))
@@ -228,8 +239,12 @@ def _quantize_nnx(model: nnx.Module, config: QuantConfig, progress: bool | None)
   return model, summary
 
 
+# Layers with a weight that quantize_model leaves in floating point, reported in the summary.
+_NOT_CONVERTED = (nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.ConvTranspose)
+
+
 def _weight(module: Any) -> jax.Array:
-  return module.kernel[...] if isinstance(module, nnx.Linear) else module.embedding[...]
+  return (module.kernel if isinstance(module, nnx.Linear) else module.embedding).get_value()
 
 
 def _convert_layer(module: Any, config: QuantConfig) -> Any:

@@ -55,11 +55,15 @@ class _QuantEmbed(nnx.Module):
 
   def dequantize(self) -> nnx.Embed:
     """An ``nnx.Embed`` with the dequantized table in ``param_dtype``."""
-    table = _common.dequantize_table(self.quant_state, self.param_dtype)
+    return self.to_embed(_common.dequantize_table(self.quant_state, self.param_dtype))
+
+  def to_embed(self, table: jax.Array) -> nnx.Embed:
+    """An ``nnx.Embed`` with this layer's settings and the float ``table``
+    ``(num_embeddings, features)``."""
     embed = nnx.eval_shape(lambda: nnx.Embed(
         self.num_embeddings, self.features, dtype=self.dtype, param_dtype=self.param_dtype,
         rngs=nnx.Rngs(0)))
-    embed.embedding.set_value(table)
+    embed.embedding.set_value(jnp.asarray(table, self.param_dtype))
     return embed
 
   def _set_state(self, state: QuantState) -> None:

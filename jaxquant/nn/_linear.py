@@ -79,11 +79,15 @@ class _QuantLinear(nnx.Module):
 
   def dequantize(self) -> nnx.Linear:
     """An ``nnx.Linear`` with the dequantized kernel (in ``param_dtype``) and this bias."""
-    kernel = _common.dequantize_kernel(self.quant_state, self.param_dtype)
+    return self.to_linear(_common.dequantize_kernel(self.quant_state, self.param_dtype))
+
+  def to_linear(self, kernel: jax.Array) -> nnx.Linear:
+    """An ``nnx.Linear`` with this layer's settings and bias and the float ``kernel``
+    ``(in_features, out_features)``."""
     linear = nnx.eval_shape(lambda: nnx.Linear(
         self.in_features, self.out_features, use_bias=self.use_bias, dtype=self.dtype,
         param_dtype=self.param_dtype, precision=self.precision, rngs=nnx.Rngs(0)))
-    linear.kernel.set_value(kernel)
+    linear.kernel.set_value(jnp.asarray(kernel, self.param_dtype))
     if self.use_bias:
       linear.bias.set_value(self._bias())
     return linear

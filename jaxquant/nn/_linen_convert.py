@@ -108,7 +108,7 @@ def iter_layers(params: Mapping[str, Any], prefix: tuple[str, ...] = ()
       yield from iter_layers(v, (*prefix, str(k)))
 
 
-def _split_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
+def as_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
   variables = to_dict(variables)
   if PARAMS not in variables:  # the params alone
     variables = {PARAMS: variables}
@@ -123,7 +123,7 @@ def quantize_variables(variables: Mapping[str, Any], config: QuantConfig,
   """See :func:`jaxquant.nn.quantize_model` (Linen branch)."""
   from jaxquant.nn import _convert
 
-  variables = _split_variables(variables)
+  variables = as_variables(variables)
   params = variables[PARAMS]
   targets, skipped, names = [], [], []
   for path, kind, node in iter_layers(params):
@@ -208,7 +208,7 @@ def dequantize_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
   """Put the float weights of layers converted by ``quantize_model`` back into ``"params"``
   (in the dtype they were quantized from). The weights of ``Dense4bit``/``Embed4bit``...
   modules (plain QuantStates) stay in ``"quantized"``: those modules read nothing else."""
-  variables = _split_variables(variables)
+  variables = as_variables(variables)
   quantized = to_dict(variables.get(QUANT_COLLECTION, {}))
   for path, leaf, w in list(iter_quantized(quantized)):
     if not isinstance(w, LinenQuantWeight):

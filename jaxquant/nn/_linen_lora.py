@@ -4,19 +4,18 @@ of :func:`jaxquant.nn.quantized_apply` to the unchanged module."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from jaxquant import functional as F
 from jaxquant.nn import _common
 from jaxquant.nn._config import LoraConfig, path_to_name
-from jaxquant.nn._linen_convert import (PARAMS, LinenQuantWeight, _split_variables,
+from jaxquant.nn._linen_convert import (PARAMS, LinenQuantWeight, as_variables,
                                         get_path, iter_layers, iter_quantized, pop_path,
                                         set_path, to_dict)
 from jaxquant.nn._linen_layers import QUANT_COLLECTION
-from jaxquant.quant_state import FOUR_BIT_TYPES, QuantState
 
 __all__ = ["LoraWeights", "LORA_COLLECTION", "ADAPTER", "add_lora", "merge_lora"]
 
@@ -70,9 +69,9 @@ def _candidates(variables: dict[str, Any]) -> list[tuple[tuple[str, ...], bool, 
 def add_lora(variables: Mapping[str, Any], config: LoraConfig, rng: Any = None) -> dict[str, Any]:
   """Linen branch of :func:`jaxquant.nn.add_lora`: a ``"lora"`` collection of
   :class:`LoraWeights` for the targeted layers. ``rng``: a key or an int seed (default 0)."""
-  from jaxquant.nn._lora import LORA_A_INIT, LORA_EMBED_A_INIT, check_targets
+  from jaxquant.nn._lora import check_targets, init_lora_a
 
-  variables = _split_variables(variables)
+  variables = as_variables(variables)
   if variables.get(LORA_COLLECTION):
     raise ValueError("the variables already hold LoRA adapters (collection 'lora'); call "
                      "jaxquant.nn.merge_lora first")
@@ -82,8 +81,8 @@ def add_lora(variables: Mapping[str, Any], config: LoraConfig, rng: Any = None) 
   lora: dict[str, Any] = {}
   selected = [c for c in candidates if config.targets(path_to_name(c[0]), linear=c[1])]
   for i, (path, linear, rows, cols) in enumerate(selected):
-    init = LORA_A_INIT if linear else LORA_EMBED_A_INIT
-    a = init(jax.random.fold_in(key, i), (rows, config.r), config.param_dtype)
+    a = init_lora_a(jax.random.fold_in(key, i), (rows, config.r), config.param_dtype,
+                    not linear)
     b = jnp.zeros((config.r, cols), config.param_dtype)
     set_path(lora, (*path, ADAPTER), LoraWeights(
         a, b, config.scaling, config.dropout if linear else 0.0, config.dtype))
@@ -91,49 +90,39 @@ def add_lora(variables: Mapping[str, Any], config: LoraConfig, rng: Any = None) 
   return variables
 
 
-def requantize(state: QuantState, dense: jax.Array) -> QuantState:
-  """Quantize ``dense`` (a tensor of ``state.shape``, any float dtype) with ``state``'s
-  settings, from ``state.dtype``."""
-  dense = dense.astype(state.dtype)
-  if state.quant_type in FOUR_BIT_TYPES:
-    return F.quantize_4bit(dense, state.blocksize, state.nested, state.quant_type)
-  return F.quantize_int8(dense)
-
-
 def merge_lora(variables: Mapping[str, Any], *, dequantize: bool = False) -> dict[str, Any]:
   """Linen branch of :func:`jaxquant.nn.merge_lora`: fold every adapter into its layer's
   weight and drop the ``"lora"`` collection."""
-  variables = _split_variables(variables)
+  variables = as_variables(variables)
   lora = variables.pop(LORA_COLLECTION, None)
   if not lora:
     raise ValueError("the variables hold no LoRA adapters (no 'lora' collection)")
   quantized = to_dict(variables.get(QUANT_COLLECTION, {}))
   params = variables[PARAMS]
   for path, _, adapter in _iter_adapters(lora):
-    delta = adapter.delta()
     name = path_to_name(path)
     leaf = next((n for n in ("kernel", "embedding") for tree in (params, quantized)
-                 if get_path(tree, (*path, n)) is not None), "kernel")
+                 if get_path(tree, (*path, n)) is not None), None)
+    if leaf is None:
+      raise ValueError(f"adapter '{name}' has no weight to merge into (no 'kernel' or "
+                       "'embedding' in params or 'quantized')")
+    merge = functools.partial(_common.merged_weight, a=adapter.lora_a, b=adapter.lora_b,
+                              scaling=adapter.scaling, kernel=leaf == "kernel")
     dense = get_path(params, (*path, leaf))
     if dense is not None:
-      set_path(params, (*path, leaf), (dense.astype(jnp.float32) + delta).astype(dense.dtype))
+      set_path(params, (*path, leaf), merge(dense, dtype=dense.dtype))
       continue
     w = get_path(quantized, (*path, leaf))
-    if w is None:
-      raise ValueError(f"adapter '{name}' has no weight to merge into (no '{leaf}' in params or "
-                       "'quantized')")
     state = w.state if isinstance(w, LinenQuantWeight) else w
-    table = _common.dequantize_table(state, jnp.float32)
-    merged = table + (delta.T if leaf == "kernel" else delta)
+    merged = merge(state, dtype=state.dtype)  # Flax layout: (in, out) or (num, features)
     if dequantize:
       if not isinstance(w, LinenQuantWeight):
-        raise ValueError(f"layer '{name}' is a jaxquant Dense4bit/Embed4bit-style module whose "
-                         "weight must stay quantized; merge with dequantize=False")
+        raise ValueError(f"layer '{name}' is a jaxquant Linen layer (Dense4bit, Embed8bit, ...) "
+                         "whose weight must stay quantized; merge with dequantize=False")
       pop_path(quantized, (*path, leaf))
-      merged = merged.astype(state.dtype)
-      set_path(params, (*path, leaf), merged.T if leaf == "kernel" else merged)
+      set_path(params, (*path, leaf), merged)
       continue
-    new_state = requantize(state, merged)
+    new_state = _common.requantize_like(state, merged, kernel=leaf == "kernel")
     set_path(quantized, (*path, leaf),
              dataclasses.replace(w, state=new_state) if isinstance(w, LinenQuantWeight)
              else new_state)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxquant.nn import _common
 from jaxquant.nn._config import ALL_LINEAR, LoraConfig
 from jaxquant.nn._embed import Embedding4bit, Embedding8bit
 from jaxquant.nn._graph import iter_modules, replace_modules
@@ -22,6 +24,13 @@ EMBED_TYPES = (nnx.Embed, Embedding4bit, Embedding8bit)
 # PEFT's A init: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 LORA_A_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 LORA_EMBED_A_INIT = nnx.initializers.normal(1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "embed"))
+def init_lora_a(key: jax.Array, shape: tuple[int, int], dtype: Any, embed: bool) -> jax.Array:
+  """``lora_a`` of ``shape``: PEFT's kaiming-uniform (bound ``1/sqrt(in)``) for a linear
+  layer, a standard normal for an embedding. One compiled program per shape."""
+  return (LORA_EMBED_A_INIT if embed else LORA_A_INIT)(key, shape, dtype)
 
 
 def _as_rngs(rngs: Any) -> nnx.Rngs:
@@ -56,8 +65,8 @@ class LoraLinear(nnx.Module):
     self.alpha = float(alpha)
     self.scaling = self.alpha / self.r
     self.dtype = None if dtype is None else jnp.dtype(dtype)
-    self.lora_a = nnx.LoRAParam(LORA_A_INIT(rngs.params(), (self.in_features, self.r),
-                                            param_dtype))
+    self.lora_a = nnx.LoRAParam(init_lora_a(rngs.params(), (self.in_features, self.r),
+                                            jnp.dtype(param_dtype), False))
     self.lora_b = nnx.LoRAParam(jnp.zeros((self.r, self.out_features), param_dtype))
     self.lora_dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else nnx.data(None)
 
@@ -95,8 +104,8 @@ class LoraEmbed(nnx.Module):
     self.alpha = float(alpha)
     self.scaling = self.alpha / self.r
     self.dtype = None if dtype is None else jnp.dtype(dtype)
-    self.lora_a = nnx.LoRAParam(LORA_EMBED_A_INIT(rngs.params(),
-                                                  (self.num_embeddings, self.r), param_dtype))
+    self.lora_a = nnx.LoRAParam(init_lora_a(rngs.params(), (self.num_embeddings, self.r),
+                                            jnp.dtype(param_dtype), True))
     self.lora_b = nnx.LoRAParam(jnp.zeros((self.r, self.features), param_dtype))
 
   def delta_table(self) -> jax.Array:
@@ -216,28 +225,36 @@ def merge_lora(model: Any, *, dequantize: bool = False) -> Any:
 
 def _merge_linear(lora: LoraLinear, dequantize: bool) -> Any:
   base = lora.base
-  delta = lora.delta_kernel()
+  a, b = lora.lora_a[...], lora.lora_b[...]
   if isinstance(base, nnx.Linear):
     kernel = base.kernel[...]
-    base.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+    base.kernel.set_value(_common.merged_weight(kernel, a, b, scaling=lora.scaling,
+                                                dtype=kernel.dtype, kernel=True))
     return base
-  linear = base.dequantize()
-  kernel = linear.kernel[...]
-  linear.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+  state = base.quant_state
+  kernel = _common.merged_weight(state, a, b, scaling=lora.scaling, dtype=base.param_dtype,
+                                 kernel=True)
   if dequantize:
-    return linear
-  return type(base).from_linear(linear, **base.quant_kwargs())
+    return base.to_linear(kernel)
+  base.kernel.set_value(_common.requantize_like(state, kernel, kernel=True))
+  return base
 
 
 def _merge_embed(lora: LoraEmbed, dequantize: bool) -> Any:
   base = lora.base
-  delta = lora.delta_table()
-  embed = base if isinstance(base, nnx.Embed) else base.dequantize()
-  table = embed.embedding[...]
-  embed.embedding.set_value((table.astype(jnp.float32) + delta).astype(table.dtype))
-  if isinstance(base, nnx.Embed) or dequantize:
-    return embed
-  return type(base).from_embed(embed, **base.quant_kwargs())
+  a, b = lora.lora_a[...], lora.lora_b[...]
+  if isinstance(base, nnx.Embed):
+    table = base.embedding[...]
+    base.embedding.set_value(_common.merged_weight(table, a, b, scaling=lora.scaling,
+                                                   dtype=table.dtype, kernel=False))
+    return base
+  state = base.quant_state
+  table = _common.merged_weight(state, a, b, scaling=lora.scaling, dtype=base.param_dtype,
+                                kernel=False)
+  if dequantize:
+    return base.to_embed(table)
+  base.embedding.set_value(_common.requantize_like(state, table, kernel=False))
+  return base
 
 
 def lora_modules(model: nnx.Module) -> list[tuple[str, Any]]:

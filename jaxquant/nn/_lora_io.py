@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant import checkpoint
-from jaxquant.nn._linen_convert import _split_variables, set_path, to_dict
+from jaxquant.nn._linen_convert import as_variables, set_path, to_dict
 from jaxquant.nn._linen_lora import LORA_COLLECTION, LoraWeights, _iter_adapters
 from jaxquant.nn._lora import lora_modules
 
@@ -94,7 +94,7 @@ def load_lora(path: str | os.PathLike, model_or_variables: Any) -> Any:
       m.lora_a.set_value(node["lora_a"])
       m.lora_b.set_value(node["lora_b"])
     return model_or_variables
-  variables = _split_variables(model_or_variables)
+  variables = as_variables(model_or_variables)
   new_lora: dict[str, Any] = {}
   for p, w in _linen_adapters(variables):
     node = _lookup(loaded, p)
