@@ -91,19 +91,37 @@ def _block_k(k: int, blocksize: int, preferred: int) -> int:
   return bk
 
 
+def _split(programs: int, steps: int) -> int:
+  """Split-K factor bringing the grid to about four programs per SM of an H100 (132 SMs)."""
+  s = 1
+  while programs * s < 4 * 132 and s < 8 and steps % (2 * s) == 0:
+    s *= 2
+  return s
+
+
+# The heuristics below follow the H100 measurements of benchmarks/fourbit_matmul.py (8192²):
+# the FMA kernel for a few rows, tensor-core tiles with split-K up to a few hundred rows,
+# decode-then-dot beyond (the in-kernel decode costs more than the product there).
 def _heuristic_forward(m: int, n: int, k: int, blocksize: int) -> Config:
   if m <= MAX_GEMV_M:
-    bk = _block_k(k, blocksize, 512)
-    return Config("gemv", block_m=1, block_n=min(16, _pow2_at_least(n)), block_k=bk,
+    return Config("gemv", block_m=1, block_n=8, block_k=_block_k(k, blocksize, 1024),
                   num_warps=4, num_stages=1)
-  bm = min(128, max(16, _pow2_at_least(m)))
-  bn = min(128, max(16, _pow2_at_least(n)))
-  bk = _block_k(k, blocksize, 64)
-  return Config("gemm", block_m=bm, block_n=bn, block_k=bk, num_warps=4 if bm * bn <= 4096
-                else 8, num_stages=3)
+  if m > 256:
+    return Config("dq_dot", block_n=32, block_k=_block_k(k, blocksize, 512), num_warps=4,
+                  num_stages=1)
+  small = m <= 64
+  bm = max(16, min(_pow2_at_least(m), 16 if small else 128))
+  bn = min(64 if small else 128, max(16, _pow2_at_least(n)))
+  bk = _block_k(k, blocksize, 128 if small else 64)
+  programs = -(-m // bm) * -(-n // bn)
+  return Config("gemm", block_m=bm, block_n=bn, block_k=bk, split_k=_split(programs, k // bk),
+                num_warps=4 if small else 8, num_stages=4 if small else 3)
 
 
 def _heuristic_grad(m: int, n: int, k: int, blocksize: int) -> Config:
+  if m > 256:
+    return Config("dq_dot", block_n=64, block_k=_block_k(k, blocksize, 128), num_warps=4,
+                  num_stages=1)
   bm = min(128, max(16, _pow2_at_least(m)))
   bk = min(128, _block_k(k, blocksize, 128))
   bn = min(64, max(16, _pow2_at_least(n)))

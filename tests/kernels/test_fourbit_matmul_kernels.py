@@ -183,9 +183,15 @@ def test_kernels_match_reference_gpu(case):
 @jax.default_matmul_precision("highest")
 def test_dispatch_runs_the_kernels_gpu(case):
   state, x, g, bias = _inputs(case, seed=21)
-  fwd = lambda x: jq.matmul_4bit(x, state, bias, backend="pallas")  # noqa: E731
-  bwd = lambda x: jax.grad(lambda x: jnp.sum(fwd(x).astype(jnp.float32)))(x)  # noqa: E731
-  assert count_pallas_calls(fwd, x, name="jaxquant_matmul_4bit_") >= 1
-  assert count_pallas_calls(bwd, x, name="jaxquant_matmul_4bit_grad_input") >= 1
   arrays, wkw = _weight(state)
+  fwd = lambda x: jq.matmul_4bit(x, state, bias, backend="pallas")  # noqa: E731
+
+  def grad_op(g):
+    return _dispatch.call("matmul_4bit_grad_input", "pallas", g, *arrays, **wkw)
+
+  both = lambda x: jax.grad(lambda x: jnp.sum(fwd(x).astype(jnp.float32)))(x)  # noqa: E731
+  n_fwd = count_pallas_calls(fwd, x, name="jaxquant_matmul_4bit_")
+  n_grad = count_pallas_calls(grad_op, g, name="jaxquant_matmul_4bit_")
+  assert n_fwd >= 1 and n_grad >= 1
+  assert count_pallas_calls(both, x, name="jaxquant_matmul_4bit_") >= n_fwd + n_grad
   _assert_close(jax.jit(fwd)(x), reference.matmul_4bit(x, *arrays, bias, **wkw), case.dtype)
