@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxquant.quant_state import QuantState
@@ -53,8 +52,9 @@ class Plan:
   Attributes:
     specs: the tree with a ``PartitionSpec`` per array (a QuantState of specs for a
       QuantState); same structure as the input.
-    tensor_specs: ``name -> PartitionSpec`` of the logical tensor of every array/QuantState
-      entry (what the optimizer state of that entry follows).
+    tensor_specs: key path (tuple of str) -> ``PartitionSpec`` of the logical tensor of every
+      array/QuantState entry (what the optimizer state of that entry follows).
+    shapes: key path -> logical shape of every array/QuantState entry.
     notes: ``name -> [reason, ...]`` for entries kept whole (in part) although a split was
       asked.
   """
@@ -177,8 +177,8 @@ def plan(tree: Any, mesh: Mesh, rules: PartitionRules | None = None, *,
   out = []
   for i, (parts, x) in enumerate(named):
     spec = chosen[i]
-    if spec is None:
-      out.append(P() if _shape(x) is None and _is_scalar(x) else None)
+    if spec is None:  # a Python scalar or other non-array leaf: replicated
+      out.append(P())
       continue
     if isinstance(x, QuantState):
       qs, why = quant_state_specs(x, spec, mesh)
@@ -190,10 +190,6 @@ def plan(tree: Any, mesh: Mesh, rules: PartitionRules | None = None, *,
   shapes = {parts: _shape(x) for parts, x in named if _shape(x) is not None}
   tensor_specs = {k: v[0] for k, v in tensors.items()}
   return Plan(jax.tree_util.tree_unflatten(treedef, out), tensor_specs, shapes, notes)
-
-
-def _is_scalar(x: Any) -> bool:
-  return isinstance(x, (bool, int, float, np.generic))
 
 
 def partition_specs(tree: Any, mesh: Mesh, rules: PartitionRules | None = None, *,

@@ -60,7 +60,7 @@ def _lookup_specs(tree: Any, table: dict[tuple[str, ...], Any]) -> Any:
 
 def _spec_table(model_plan: Plan, state: Any) -> dict[tuple[str, ...], Any]:
   specs = jax.tree_util.tree_leaves(model_plan.specs,
-                                    is_leaf=lambda s: isinstance(s, (P, QuantState)) or s is None)
+                                    is_leaf=lambda s: isinstance(s, (P, QuantState)))
   paths = [path_parts(p) for p, _ in jax.tree_util.tree_flatten_with_path(
       state, is_leaf=lambda x: isinstance(x, QuantState))[0]]
   if len(paths) != len(specs):  # pragma: no cover - plan keeps the structure
@@ -90,10 +90,11 @@ class ShardedTrainer:
   plan: Plan
   step: Callable[[TrainState, Any], tuple[TrainState, jax.Array]]
   init_fn: Callable[[Any, Any], TrainState]
+  wrt: Any = nnx.LoRAParam
 
-  def init(self, model: nnx.Module, wrt: Any = nnx.LoRAParam) -> TrainState:
+  def init(self, model: nnx.Module) -> TrainState:
     """Split ``model`` and place its variables and a fresh optimizer state on the mesh."""
-    _, params, frozen = nnx.split(model, wrt, ...)
+    _, params, frozen = nnx.split(model, self.wrt, ...)
     return self.init_fn(params, frozen)
 
   def batch_shardings(self, batch: Any) -> Any:
@@ -160,15 +161,17 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation,
 
   def step(state: TrainState, batch: Any) -> tuple[TrainState, jax.Array]:
     def loss_of(p):
-      return loss_fn(nnx.merge(graphdef, p, state.frozen), batch)
+      m = nnx.merge(graphdef, p, state.frozen)
+      loss = loss_fn(m, batch)
+      return loss, nnx.split(m, wrt, ...)[2]  # frozen, with advanced RNG counters (dropout)
     with use_mesh(mesh, rules):  # active while the step is traced
-      loss, grads = jax.value_and_grad(loss_of)(state.params)
+      (loss, frozen), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(params, opt_state, state.frozen), loss
+    return TrainState(params, opt_state, frozen), loss
 
   batch_sh = (batch_sharding(mesh, batch, batch_axes=rules.batch) if batch is not None
               else batch_sharding(mesh, batch_axes=rules.batch))
   jitted = jax.jit(step, in_shardings=(shardings, batch_sh),
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
-  return ShardedTrainer(graphdef, mesh, rules, shardings, model_plan, jitted, init_fn)
+  return ShardedTrainer(graphdef, mesh, rules, shardings, model_plan, jitted, init_fn, wrt)
