@@ -103,8 +103,13 @@ def int8_linear(x: ArrayLike, state: QuantState, bias: ArrayLike | None = None,
 
   Rows of ``x`` are quantized to int8 on the fly; with ``threshold > 0`` the columns holding
   an outlier (``|x| >= threshold``) are computed in 16-bit against the dequantized weight
-  columns and added back. Differentiable in ``x`` and ``bias`` (``dx = dy @ dequant(W)``);
-  the weight is a constant.
+  columns and added back; ``threshold=0`` is plain w8a8. Differentiable in ``x`` and ``bias``
+  (``dx = dy @ dequant(W)``); the weight is a constant.
+
+  On a GPU (``backend="pallas"`` or auto) one Pallas kernel quantizes the rows and flags the
+  outlier columns, and one int8 tensor-core GEMM dequantizes, adds the outlier product (up to
+  128 outlier columns, gathered into fixed slots; more take the reference) and the bias in its
+  epilogue. float16/bfloat16 activations (float32 with ``threshold=0``) take the kernels.
 
   Args:
     x: ``(..., K)`` float32/float16/bfloat16.

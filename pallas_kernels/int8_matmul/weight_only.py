@@ -11,7 +11,10 @@ over ``split_k`` programs whose float32 partial sums are added afterwards. Beyon
 the dispatcher runs the reference there.
 
 Backward ``dx = g @ dequant(w)``: the scale runs along the reduction, so each weight tile is
-dequantized in float32 and rounded to the dtype of ``g`` exactly as the reference does.
+dequantized in float32 and rounded to the dtype of ``g`` exactly as the reference does. The
+decoded tile is the right operand of the product, which keeps Triton off Hopper's wgmma path;
+above ``MAX_GRAD_M`` rows XLA's dequantize-then-GEMM is faster and :func:`supports_grad`
+declines.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ from pallas_kernels.int8_matmul import _common
 from pallas_kernels.int8_matmul.reference import DEQUANT_SCALE
 
 __all__ = ["WeightOnlyConfig", "weight_only_config", "grad_config", "weight_only_matmul",
-           "grad_input_matmul", "supports", "supports_grad", "MAX_KERNEL_M"]
+           "grad_input_matmul", "supports", "supports_grad", "MAX_KERNEL_M", "MAX_GRAD_M"]
 
 ACT_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 # Above this many rows XLA's own weight-only product (the int8 -> bf16 convert fused into
 # its GEMM) was faster on the H100 than these kernels: supports() sends larger M there.
 MAX_KERNEL_M = 512
+# The same for the input gradient (g @ dequant(W)): the kernel wins up to M = 128 (57 vs 150 us
+# at M = 1..16), XLA from M = 512 on.
+MAX_GRAD_M = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +109,8 @@ def supports_grad(g, w_q, w_stats) -> bool:
   """Whether :func:`grad_input_matmul` takes these operands."""
   del w_stats
   return (g.ndim == 2 and w_q.ndim == 2 and w_q.dtype == jnp.int8 and g.shape[1] == w_q.shape[0]
-          and jnp.dtype(g.dtype) in ACT_DTYPES and g.size > 0 and w_q.size > 0)
+          and jnp.dtype(g.dtype) in ACT_DTYPES and g.size > 0 and w_q.size > 0
+          and g.shape[0] <= MAX_GRAD_M)
 
 
 def _decode(w, dtype, cfg: WeightOnlyConfig):

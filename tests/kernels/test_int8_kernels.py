@@ -221,6 +221,12 @@ def test_unsupported_inputs_fall_back_to_the_reference(request):
   assert _dispatch.select("int8_linear", "interpret", *args, threshold=0.0) == "interpret"
   y = int8_weight_only_linear(x32, state, backend="interpret")
   np.testing.assert_array_equal(y, reference.int8_weight_only_linear(*args))
+  # Row counts where XLA's fused product measured faster than the kernels.
+  big = jnp.zeros((weight_only.MAX_KERNEL_M + 1, K), jnp.bfloat16)
+  assert _dispatch.select("int8_weight_only_linear", "interpret", big, *args[1:]) == "xla"
+  g = jnp.zeros((weight_only.MAX_GRAD_M + 1, N), jnp.bfloat16)
+  assert _dispatch.select("int8_linear_grad_input", "interpret", g, *args[1:3]) == "xla"
+  assert _dispatch.select("int8_linear_grad_input", "interpret", g[:8], *args[1:3]) == "interpret"
 
 
 def test_bad_inputs_are_rejected(request):
