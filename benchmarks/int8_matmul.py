@@ -14,7 +14,10 @@ jaxquant's kernels through the public API with ``backend=BACKEND``: ``weight-onl
 (``int8_weight_only_linear``), ``w8a8 matmul`` (``int8_matmul`` on pre-quantized rows: the
 tensor-core GEMM with fused dequant), ``w8a8 linear`` (``int8_linear(threshold=0)``: quantize
 the bf16 rows + GEMM), ``LLM.int8 t=6`` (``int8_linear(threshold=6)`` on activations with 8
-planted outlier columns: quantize + outlier decomposition + GEMM).
+planted outlier columns: quantize + outlier decomposition + GEMM); the input gradient
+``dy @ dequant(W)`` of XLA (``xla grad dx``) and of the kernel called directly (``grad dx``;
+the dispatcher uses it up to ``MAX_GRAD_M`` rows); ``quantize t=6``, the row quantization
+kernel alone. Kernel rows also record their relative error against ``backend="xla"``.
 
     python benchmarks/int8_matmul.py [--sweep] [--out benchmarks/results/int8_matmul.json]
 
