@@ -1,7 +1,8 @@
 """W6 sharded: QLoRA fine-tuning steps on 1 and on n GPUs at a fixed per-GPU batch.
 
-TinyLlama-1.1B shape (hidden 2048, MLP 5632, 22 layers, 32 heads, 4 KV heads, vocab 32000),
-NF4 + double quantization of every linear layer of the decoder, bf16 compute, LoRA r=16
+``jaxquant.models.LlamaForCausalLM`` in TinyLlama-1.1B's shape (hidden 2048, MLP 5632, 22
+layers, 32 heads, 4 KV heads, vocab 32000), bf16 weights, NF4 + double quantization of every
+linear layer of the decoder (embeddings and head stay bf16), bf16 compute, LoRA r=16
 (alpha 32) on q, k, v, o, gate, up, down, 8-bit AdamW on the adapters; batch 4 x 1024 tokens
 *per GPU*. Each GPU count runs in its own process (``CUDA_VISIBLE_DEVICES`` = the first n
 GPUs) so that every device's peak-memory counter belongs to that run alone; all runs happen in
@@ -38,10 +39,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CONFIGS = {
-    # TARGETS.md W6: TinyLlama-1.1B.
-    "tinyllama": dict(vocab=32000, dim=2048, hidden=5632, layers=22, heads=32, kv_heads=4),
+    # TARGETS.md W6: TinyLlama-1.1B (jaxquant.models.LlamaConfig.tinyllama_1_1b).
+    "tinyllama": dict(),
     # CPU smoke test of the same code.
-    "tiny": dict(vocab=512, dim=128, hidden=256, layers=2, heads=4, kv_heads=2),
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
+                 num_heads=4, num_kv_heads=2, max_position=1024),
 }
 
 
@@ -56,88 +58,31 @@ class Run:
     return f"{'qlora' if self.quantized else 'bf16-lora'}-{self.layout}-{self.gpus}"
 
 
-# -- the model -------------------------------------------------------------------------------
-
-
-def _llama_class():
-  """A Llama decoder in Flax NNX (RMSNorm, RoPE, grouped-query attention, SwiGLU)."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  def rope(x, base=10000.0):  # x: (B, T, H, D)
-    d = x.shape[-1]
-    freq = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-    ang = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * freq[None]
-    cos, sin = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
-
-  class Layer(nnx.Module):
-    def __init__(self, dim, hidden, heads, kv_heads, dtype, rngs):
-      lin = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=dtype,  # noqa
-                                    rngs=rngs)
-      self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
-      self.attn_norm = nnx.RMSNorm(dim, dtype=dtype, param_dtype=dtype, rngs=rngs)
-      self.mlp_norm = nnx.RMSNorm(dim, dtype=dtype, param_dtype=dtype, rngs=rngs)
-      self.q, self.o = lin(dim, dim), lin(dim, dim)
-      self.k, self.v = lin(dim, kv_heads * self.head_dim), lin(dim, kv_heads * self.head_dim)
-      self.gate, self.up, self.down = lin(dim, hidden), lin(dim, hidden), lin(hidden, dim)
-
-    def __call__(self, x):
-      b, t, d = x.shape
-      h = self.attn_norm(x)
-      q = rope(self.q(h).reshape(b, t, self.heads, self.head_dim))
-      k = rope(self.k(h).reshape(b, t, self.kv_heads, self.head_dim))
-      v = self.v(h).reshape(b, t, self.kv_heads, self.head_dim)
-      a = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-      x = x + self.o(a.reshape(b, t, d))
-      h = self.mlp_norm(x)
-      return x + self.down(jax.nn.silu(self.gate(h)) * self.up(h))
-
-  class Llama(nnx.Module):
-    def __init__(self, vocab, dim, hidden, layers, heads, kv_heads, dtype, rngs):
-      self.embed = nnx.Embed(vocab, dim, dtype=dtype, param_dtype=dtype, rngs=rngs)
-      self.layers = nnx.List([Layer(dim, hidden, heads, kv_heads, dtype, rngs)
-                              for _ in range(layers)])
-      self.norm = nnx.RMSNorm(dim, dtype=dtype, param_dtype=dtype, rngs=rngs)
-      self.lm_head = nnx.Linear(dim, vocab, use_bias=False, dtype=dtype, param_dtype=dtype,
-                                rngs=rngs)
-
-    def __call__(self, ids):
-      x = self.embed(ids)
-      for layer in self.layers:
-        x = layer(x)
-      return self.lm_head(self.norm(x))
-
-  return Llama
-
-
 # -- child: one run ------------------------------------------------------------------------
 
 
-def _model(cfg: dict, quantized: bool):
+def _model(cfg: dict, quantized: bool, attention: str | None):
   import jax.numpy as jnp
   from flax import nnx
 
   import jaxquant.nn as jqnn
+  from jaxquant.models import LLAMA_LORA_TARGETS, LlamaConfig, LlamaForCausalLM
 
-  model = _llama_class()(**cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  config = LlamaConfig.tinyllama_1_1b(**cfg, attention_impl=attention)
+  model = LlamaForCausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                           rngs=nnx.Rngs(0))
   if quantized:
     jqnn.quantize_model(model, jqnn.QuantConfig(
         load_in_4bit=True, quant_type="nf4", double_quant=True, compute_dtype=jnp.bfloat16,
-        skip_modules=("embed", "lm_head")))
-  jqnn.add_lora(model, jqnn.LoraConfig(
-      r=16, alpha=32, target_modules=("q", "k", "v", "o", "gate", "up", "down"),
-      dtype=jnp.bfloat16), rngs=1)
-  return model
+        skip_modules=("embed_tokens", "lm_head")))
+  jqnn.add_lora(model, jqnn.LoraConfig(r=16, alpha=32, target_modules=LLAMA_LORA_TARGETS,
+                                       dtype=jnp.bfloat16), rngs=1)
+  return model, config
 
 
 def _loss(model, batch):
-  import jax.numpy as jnp
-  import optax
-  logits = model(batch["ids"]).astype(jnp.float32)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+  from jaxquant.models import causal_lm_loss
+  return causal_lm_loss(model(batch["ids"]), batch["ids"])
 
 
 def child(args) -> dict:
@@ -158,19 +103,22 @@ def child(args) -> dict:
   mesh = (js.make_mesh(data=1, fsdp=run.gpus, devices=devices) if run.layout == "fsdp"
           else js.make_mesh(data=run.gpus, fsdp=1, devices=devices))
   batch_size = args.batch_per_gpu * run.gpus
-  ids = np.random.default_rng(0).integers(0, cfg["vocab"], (batch_size, args.seq + 1))
-  host_batch = {"ids": ids[:, :-1].astype(np.int32), "labels": ids[:, 1:].astype(np.int32)}
-  # The requested layout first; should it fail to compile on this machine, replicated adapters,
-  # then the jnp reference of the 4-bit matmul (recorded in the result).
-  attempts = [(args.lora, None)] + ([("replicate", None)] if args.lora != "replicate" else [])
-  attempts.append(("replicate", "xla"))
+  vocab = CONFIGS[args.config].get("vocab_size", 32000)
+  ids = np.random.default_rng(0).integers(0, vocab, (batch_size, args.seq))
+  host_batch = {"ids": ids.astype(np.int32)}
+  # The requested layout first; should it fail to compile on this machine: replicated adapters,
+  # then XLA attention, then the jnp reference of the 4-bit matmul (recorded in the result).
+  attempts = [(args.lora, None, None)]
+  if args.lora != "replicate":
+    attempts.append(("replicate", None, None))
+  attempts += [("replicate", None, "xla"), ("replicate", "xla", "xla")]
   failures = []
-  for lora, backend in attempts:
+  for lora, backend, attention in attempts:
     if backend:
       os.environ["JAXQUANT_BACKEND"] = backend
     try:
       t0 = time.perf_counter()
-      model = _model(cfg, run.quantized)
+      model, config = _model(cfg, run.quantized, attention)
       tx = jqoptim.adamw8bit(2e-4, weight_decay=0.0)
       trainer = js.make_train_step(model, tx, _loss, mesh, js.PartitionRules(lora=lora))
       state = trainer.init(model)
@@ -184,7 +132,8 @@ def child(args) -> dict:
       compile_s = time.perf_counter() - t0
       break
     except Exception as err:  # noqa: BLE001 -- try the next layout, report all
-      failures.append(f"lora={lora} backend={backend or 'auto'}: {type(err).__name__}: "
+      failures.append(f"lora={lora} backend={backend or 'auto'} attention={attention}: "
+                      f"{type(err).__name__}: "
                       f"{str(err)[:500]}")
       print(failures[-1], file=sys.stderr, flush=True)
       state = trainer = None
@@ -210,6 +159,7 @@ def child(args) -> dict:
   return dict(
       run=run.name, gpus=run.gpus, layout=run.layout, quantized=run.quantized,
       lora_layout=lora, matmul_backend=backend or "auto", failed_attempts=failures,
+      attention=config.attention_impl or "default (cudnn on GPU for bf16, else xla)",
       device=getattr(devices[0], "device_kind", str(devices[0])),
       jax=jax.__version__, tokens_per_step=batch_size * args.seq,
       step_ms_median=median * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
@@ -250,8 +200,10 @@ def parent(args) -> dict:
   results, errors = [], []
   for run in runs:
     left = deadline - time.monotonic()
-    if left < 20:
-      errors.append(f"{run.name}: skipped, {args.deadline} s deadline reached")
+    need = 1.1 * max([r["wall_s"] for r in results], default=20.0)
+    if left < need:
+      errors.append(f"{run.name}: skipped, {left:.0f} s left of the {args.deadline:.0f} s "
+                    f"deadline and a run takes about {need:.0f} s")
       continue
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--gpus-child", str(run.gpus),
            "--layout", run.layout, "--config", args.config, "--batch-per-gpu",
