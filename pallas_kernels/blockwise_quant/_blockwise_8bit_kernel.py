@@ -25,7 +25,7 @@ __all__ = ["quantize_8bit", "dequantize_8bit", "supports_quantize_8bit",
 
 QUANTIZE_KERNEL_NAME = "jaxquant_quantize_8bit"
 DEQUANTIZE_KERNEL_NAME = "jaxquant_dequantize_8bit"
-DEFAULT_CONFIG = KernelConfig(elems_per_program=4096, num_warps=4, num_stages=1)
+DEFAULT_CONFIG = KernelConfig(elems_per_program=4096, num_warps=4)
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
