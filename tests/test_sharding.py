@@ -267,3 +267,11 @@ def test_sharded_matmul_rejects_bad_input(mesh):
     js.sharded_matmul_4bit(jnp.ones((128,)), st, mesh=mesh)
   with pytest.raises(TypeError, match="must be a QuantState"):
     js.sharded_matmul_4bit(jnp.ones((2, 128)), jnp.ones((64, 128)), mesh=mesh)
+
+
+def test_global_batch_in_one_process_is_the_batch(mesh):
+  rows = {"ids": np.arange(16 * 4, dtype=np.int32).reshape(16, 4), "w": np.ones((16,))}
+  batch = js.global_batch(rows, mesh)
+  assert batch["ids"].sharding.spec == P(("data", "fsdp"))
+  np.testing.assert_array_equal(np.asarray(batch["ids"]), rows["ids"])
+  assert len(batch["ids"].addressable_shards) == 8
