@@ -19,7 +19,7 @@ import safetensors.numpy
 
 import jaxquant as jq
 from jaxquant.interop import bnb
-from jaxquant.interop import _safetensors
+from jaxquant.interop import _qload, _safetensors
 from tests.helpers import BNB, golden
 
 LINEAR4 = {dq: BNB / f"bnb_linear4bit_dq{dq}_state.safetensors" for dq in (0, 1)}
@@ -280,12 +280,49 @@ def test_quantize_on_load_keeps_bnb_quantized_parameters(tmp_path):
   _assert_states_equal(out["weight"], bnb.load(LINEAR4[0], progress=False)["weight"])
 
 
+@pytest.mark.parametrize("qt,bs,dq", [("nf4", 64, True), ("fp4", 32, False), ("int8", 64, False)])
+def test_quantize_on_load_reads_large_weights_by_row_slices(qt, bs, dq, tmp_path, monkeypatch):
+  rng = np.random.default_rng(1)
+  tensors = {"a.weight": rng.standard_normal((96, 256)).astype(ml_dtypes.bfloat16),
+             "b.weight": rng.standard_normal((97, 128)).astype(np.float32),  # ragged last slice
+             "c.weight": rng.standard_normal((50, 100)).astype(np.float16)}  # blocks cross rows
+  _write(tmp_path / "m.safetensors", tensors)
+  monkeypatch.setattr(_qload, "CHUNK_ELEMENTS", 4096)
+  whole, slices = [], []
+  monkeypatch.setattr(_safetensors.TensorSource, "read",
+                      lambda self, n, _r=_safetensors.TensorSource.read: whole.append(n) or
+                      _r(self, n))
+  monkeypatch.setattr(_safetensors.TensorSource, "read_rows",
+                      lambda self, n, a, b, _r=_safetensors.TensorSource.read_rows:
+                      slices.append((n, a, b)) or _r(self, n, a, b))
+  out = bnb.quantize_on_load(tmp_path / "m.safetensors", quant_type=qt, blocksize=bs,
+                             compress_statistics=dq, progress=False)
+  big = {"a.weight", "b.weight"} | ({"c.weight"} if qt == "int8" else set())
+  assert set(whole) == set(tensors) - big  # the large weights were never read whole
+  assert {n for n, _, _ in slices} == big
+  assert all((b - a) * tensors[n].shape[1] <= 4096 for n, a, b in slices)
+  assert [(a, b) for n, a, b in slices if n == "b.weight"][-1] == (96, 97)
+  for k, v in tensors.items():  # the same bytes as quantizing each tensor whole
+    ref = jq.quantize_int8(v) if qt == "int8" else jq.quantize_4bit(jnp.asarray(v), bs, dq, qt)
+    _assert_states_equal(out[k], ref)
+
+
 def test_quantize_on_load_rejects_non_finite(tmp_path):
   w = np.ones((8, 64), np.float32)
   w[3, 5] = np.inf
   _write(tmp_path / "m.safetensors", {"fc.weight": w})
   with pytest.raises(ValueError, match=r"'fc.weight'.*non-finite.*index 197"):
     bnb.quantize_on_load(tmp_path / "m.safetensors", progress=False)
+  big = np.ones((64, 128), np.float32)
+  big[40, 3] = np.nan
+  big[2, 5] = 1e5  # beyond float16, which LLM.int8() weights are quantized from
+  _write(tmp_path / "b.safetensors", {"fc.weight": big})
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(_qload, "CHUNK_ELEMENTS", 1024)  # the error names the index in the whole tensor
+    with pytest.raises(ValueError, match=r"'fc.weight'.*non-finite.*index 5123"):
+      bnb.quantize_on_load(tmp_path / "b.safetensors", progress=False)
+    with pytest.raises(ValueError, match=r"'fc.weight'.*beyond float16's range.*index 261"):
+      bnb.quantize_on_load(tmp_path / "b.safetensors", quant_type="int8", progress=False)
 
 
 # -- failures name the tensor --------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Callable, Iterator, Mapping
 
@@ -11,29 +10,32 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from jaxquant import _validate
-from jaxquant.functional import quantize_4bit, quantize_int8
 from jaxquant.interop import _bnb, _safetensors
 from jaxquant.quant_state import QuantState
 
 __all__ = ["iter_load", "load", "save", "metadata", "to_state_dict", "from_state_dict",
-           "quantize_on_load", "default_should_quantize", "TRANSFORMERS_METADATA"]
+           "TRANSFORMERS_METADATA", "Placement", "placer", "iter_groups"]
 
 # What transformers' save_pretrained writes into every safetensors header.
 TRANSFORMERS_METADATA = {"format": "pt"}
 Placement = jax.Device | jax.sharding.Sharding | None
 
 
-def _placer(device: Placement) -> Callable[[np.ndarray], jax.Array]:
+def placer(device: Placement) -> Callable[[np.ndarray], jax.Array]:
   if device is None:
     return jnp.asarray
   return lambda a: jax.device_put(a, device)
 
 
-def _iter_groups(src: _safetensors.TensorSource, read: Callable[[str], np.ndarray],
-                 put: Callable[[np.ndarray], Any], int8_dtype: Any, progress: bool,
-                 desc: str, transform: Callable[[str, np.ndarray], Any] | None = None
-                 ) -> Iterator[tuple[str, Any]]:
+def iter_groups(src: _safetensors.TensorSource, read: Callable[[str], np.ndarray],
+                put: Callable[[np.ndarray], Any], int8_dtype: Any, progress: bool,
+                desc: str, transform: Callable[[str], Any] | None = None
+                ) -> Iterator[tuple[str, Any]]:
+  """``(parameter name, value)`` of every parameter of ``src``, shard by shard.
+
+  bitsandbytes-quantized parameters become QuantStates; every other tensor is ``put(read(name))``
+  or, with ``transform``, ``transform(name)`` (which reads it as it likes).
+  """
   keys = src.keys()
   # Read shard by shard (files in order, tensors in index order within one).
   files = {f: i for i, f in enumerate(dict.fromkeys(src.weight_map[k] for k in keys))}
@@ -46,10 +48,10 @@ def _iter_groups(src: _safetensors.TensorSource, read: Callable[[str], np.ndarra
         value = _bnb.state_from_4bit(g, read, put)
       elif g.kind == "int8":
         value = _bnb.state_from_int8(g, read, put, int8_dtype)
+      elif transform is not None:
+        value = transform(g.name)
       else:
-        a = read(g.name)
-        value = transform(g.name, a) if transform is not None else put(a)
-        del a
+        value = put(read(g.name))
       bar.update(1)
       yield g.name, value
 
@@ -63,7 +65,7 @@ def iter_load(path: str | os.PathLike, *, int8_dtype: Any = jnp.float16,
   Arguments as in :func:`load`.
   """
   src = _safetensors.TensorSource(path)
-  yield from _iter_groups(src, src.read, _placer(device), int8_dtype, progress,
+  yield from iter_groups(src, src.read, placer(device), int8_dtype, progress,
                           f"Loading {os.path.basename(os.fspath(path).rstrip('/'))}")
 
 
@@ -108,7 +110,7 @@ def from_state_dict(tensors: Mapping[str, np.ndarray], *, int8_dtype: Any = jnp.
   """:func:`load` for tensors already in memory (numpy arrays keyed as bitsandbytes does)."""
   def read(key: str) -> np.ndarray:
     return np.asarray(tensors[key])
-  put = _placer(device)
+  put = placer(device)
   out = {}
   for g in _bnb.group_keys(list(tensors)):
     if g.kind == "4bit":
@@ -214,90 +216,3 @@ def save(path: str | os.PathLike, tree: Mapping[str, QuantState | Any], *,
               sort_keys=True)
     f.write("\n")
   return written + [index]
-
-
-# -- quantize on load ------------------------------------------------------------------------
-
-_SKIP_PARTS = ("embed", "lm_head", "norm", "wte", "wpe")
-
-
-def default_should_quantize(name: str, shape: tuple[int, ...], dtype: np.dtype) -> bool:
-  """transformers' ``load_in_4bit`` choice, from names alone: 2-D floating ``*.weight`` tensors
-  (linear layers), except embeddings, norms and the output head (``lm_head``)."""
-  if len(shape) != 2 or not name.endswith("weight"):
-    return False
-  if np.dtype(dtype).kind != "f" and np.dtype(dtype).name != "bfloat16":
-    return False
-  lowered = name.lower()
-  return not any(p in lowered for p in _SKIP_PARTS)
-
-
-@functools.cache
-def _quantizer(quant_type: str, blocksize: int, compress_statistics: bool,
-               backend: str | None) -> Callable[[jax.Array], QuantState]:
-  if quant_type == "int8":
-    return jax.jit(quantize_int8)
-  return jax.jit(functools.partial(quantize_4bit, blocksize=blocksize,
-                                   compress_statistics=compress_statistics,
-                                   quant_type=quant_type, backend=backend))
-
-
-def _check_finite_chunked(name: str, a: np.ndarray, chunk: int = 1 << 22) -> None:
-  flat = a.reshape(-1)
-  for i in range(0, flat.size, chunk):
-    part = flat[i:i + chunk].astype(np.float32)
-    if not np.isfinite(part).all():
-      j = i + int(np.argmax(~np.isfinite(part)))
-      raise ValueError(f"tensor {name!r} has a non-finite value at flat index {j}; it cannot be "
-                       "quantized")
-
-
-def quantize_on_load(path: str | os.PathLike, *, quant_type: str = "nf4", blocksize: int = 64,
-                     compress_statistics: bool = False,
-                     should_quantize: Callable[[str, tuple[int, ...], np.dtype], bool]
-                     = default_should_quantize,
-                     dtype: Any = None, device: Placement = None, progress: bool = True,
-                     backend: str | None = None) -> dict[str, QuantState | jax.Array]:
-  """Load a regular (bf16/fp16/fp32) safetensors checkpoint, quantizing tensor by tensor.
-
-  ``load_in_4bit`` (or ``load_in_8bit`` with ``quant_type="int8"``) for JAX: each tensor is read,
-  quantized and dropped before the next one is read, so peak host memory is about the
-  quantized model plus one full-precision tensor (see ``benchmarks/quantize_on_load.py``).
-  Parameters already quantized by bitsandbytes in the checkpoint are loaded as they are.
-
-  Args:
-    path: a ``.safetensors`` file, an index JSON, or a directory (as :func:`load`).
-    quant_type: ``"nf4"``, ``"fp4"`` or ``"int8"`` (LLM.int8() row-wise).
-    blocksize: 4-bit blocksize (32 ... 4096).
-    compress_statistics: double quantization of the 4-bit absmax.
-    should_quantize: ``(name, shape, dtype) -> bool``; default :func:`default_should_quantize`.
-    dtype: cast the tensors that stay unquantized to this dtype (default: as stored). The
-      QuantStates record the stored dtype as their dequantization dtype.
-    device: ``jax.Device`` or ``Sharding`` for the results (default device otherwise).
-    progress: tqdm progress bar.
-    backend: quantization backend (see :mod:`jaxquant.functional`).
-
-  Returns:
-    ``{name: QuantState | jax.Array}`` as :func:`load` gives.
-  """
-  _validate.check_choice("quant_type", quant_type, ("nf4", "fp4", "int8"))
-  if quant_type != "int8":
-    _validate.check_choice("blocksize", blocksize, _validate.BLOCKSIZES_4BIT)
-  quantize = _quantizer(quant_type, blocksize, bool(compress_statistics), backend)
-  put = _placer(device)
-  cast = None if dtype is None else jnp.dtype(dtype)
-
-  def transform(name: str, a: np.ndarray) -> Any:
-    if should_quantize(name, tuple(a.shape), a.dtype):
-      _validate.check_array(name, a)
-      _check_finite_chunked(name, a)
-      x = put(a) if device is not None else jnp.asarray(a)
-      state = quantize(x)
-      del x
-      return state
-    return put(a if cast is None else a.astype(cast))
-
-  src = _safetensors.TensorSource(path)
-  return dict(_iter_groups(src, src.read, put, jnp.float16, progress,
-                           f"Quantizing {os.path.basename(os.fspath(path).rstrip('/'))}",
-                           transform=transform))

@@ -103,7 +103,12 @@ class TensorSource:
   @staticmethod
   def _open(file: str):
     try:
-      return safe_open(file, framework="np")
+      try:
+        # pread(2) into a fresh buffer per tensor: nothing of the file stays mapped into the
+        # process (the default mmap keeps every page read resident until the file is closed).
+        return safe_open(file, framework="np", backend="pread")
+      except TypeError:  # safetensors < 0.7 has no backend argument
+        return safe_open(file, framework="np")
     except (safetensors.SafetensorError, OSError, ValueError) as err:
       raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupted?): "
                        f"{err}") from None
@@ -150,6 +155,20 @@ class TensorSource:
     except safetensors.SafetensorError as err:
       raise ValueError(f"tensor {name!r} of {file} cannot be read: {err}") from None
 
+  def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` (first axis) of a tensor, reading only their bytes."""
+    file = self.file_of(name)
+    st_dtype, shape = self.info(name)
+    if not shape or not 0 <= start <= stop <= shape[0]:
+      raise ValueError(f"tensor {name!r}: rows {start}:{stop} out of range for shape {shape}")
+    try:
+      return self._handle(file).get_slice(name)[start:stop]
+    except (TypeError, KeyError, ValueError):
+      # Older safetensors releases cannot make numpy bfloat16/float8 slices: read the bytes.
+      return _read_raw(file, name, rows=(start, stop))
+    except safetensors.SafetensorError as err:
+      raise ValueError(f"tensor {name!r} of {file} cannot be read: {err}") from None
+
   def metadata(self) -> dict[str, str] | None:
     """The ``__metadata__`` header of the (first) file, e.g. ``{"format": "pt"}``."""
     files = sorted(set(self.weight_map.values()))
@@ -165,18 +184,24 @@ class TensorSource:
     self.close()
 
 
-def _read_raw(file: str, name: str) -> np.ndarray:
+def _read_raw(file: str, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+  """A tensor (or rows ``start:stop`` of it) read straight from the file's bytes."""
   with open(file, "rb") as f:
     (n,) = struct.unpack("<Q", f.read(8))
     header = json.loads(f.read(n))
     entry = header[name]
     start, end = entry["data_offsets"]
+    dtype = np_dtype(entry["dtype"])
+    shape = list(entry["shape"])
+    if rows is not None:
+      row_bytes = math.prod(shape[1:]) * dtype.itemsize
+      start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
+      shape[0] = rows[1] - rows[0]
     f.seek(8 + n + start)
     buf = f.read(end - start)
-  dtype = np_dtype(entry["dtype"])
   if len(buf) != end - start:
     raise ValueError(f"tensor {name!r} of {file} is truncated")
-  return np.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+  return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 def _st_dtype(name: str, a: np.ndarray) -> str:
