@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-__all__ = ["Timing", "time_calls", "report_env", "distinct_inputs"]
+__all__ = ["Timing", "time_calls", "time_interleaved", "report_env", "distinct_inputs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +85,38 @@ def time_calls(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], *, r
     per_call.append((time.perf_counter() - start) / len(arg_sets) * 1e6)
   return Timing(median_us=statistics.median(per_call), min_us=min(per_call),
                 max_us=max(per_call), reps=reps, calls_per_rep=len(arg_sets))
+
+
+def time_interleaved(cases: dict[str, tuple[Callable[..., Any], Sequence[tuple[Any, ...]]]], *,
+                     reps: int = 30, warmup: int = 2) -> dict[str, Timing]:
+  """Like :func:`time_calls` for several functions measured in alternation.
+
+  Each repetition times one rotation of every case in turn, so slow drifts of the machine
+  (clocks, a neighbour on the GPU) hit all cases alike and their ratios stay meaningful.
+
+  Args:
+    cases: name → ``(fn, arg_sets)``.
+    reps: repetitions; each times one rotation of every case.
+    warmup: unmeasured repetitions first.
+
+  Returns:
+    name → :class:`Timing` in microseconds per call.
+  """
+  if not cases or any(not arg_sets for _, arg_sets in cases.values()):
+    raise ValueError("cases must map names to (fn, non-empty arg_sets)")
+  if reps < 1:
+    raise ValueError(f"reps must be >= 1, got {reps!r}")
+  per_call: dict[str, list[float]] = {name: [] for name in cases}
+  for rep in range(warmup + reps):
+    for name, (fn, arg_sets) in cases.items():
+      start = time.perf_counter()
+      for args in arg_sets:
+        out = fn(*args)
+      _block(out)
+      if rep >= warmup:
+        per_call[name].append((time.perf_counter() - start) / len(arg_sets) * 1e6)
+  return {name: Timing(median_us=statistics.median(v), min_us=min(v), max_us=max(v), reps=reps,
+                       calls_per_rep=len(cases[name][1])) for name, v in per_call.items()}
 
 
 def distinct_inputs(make: Callable[[jax.Array], Any], count: int = 8,

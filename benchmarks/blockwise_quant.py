@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 import jaxquant as jq
-from benchmarks._timing import distinct_inputs, report_env, time_calls
+from benchmarks._timing import distinct_inputs, report_env, time_calls, time_interleaved
 from pallas_kernels.blockwise_quant import _common, _dequantize_4bit_kernel, _quantize_4bit_kernel
 from pallas_kernels.blockwise_quant import api as blockwise_api
 from pallas_kernels.blockwise_quant import reference
@@ -85,11 +85,7 @@ def main(argv=None):
   ws = [(w,) for w in weights]
   results = {"env": report_env(), "shape": [size, size], "blocksize": BLOCKSIZE, "quant_type": "nf4"}
 
-  copy_t = time_calls(jax.jit(lambda w: -w), ws, reps=reps)
   copy_bytes = 2 * size * size * 2
-  results["bf16_copy"] = {**copy_t.as_dict(), "bytes": copy_bytes,
-                          "tb_per_s": copy_bytes / copy_t.median_us / 1e6}
-
   n = size * size
   q_bytes = n * 2 + n // 2 + (n // BLOCKSIZE) * 4  # read bf16, write nibbles + f32 absmax
   dq_bytes_nested = n // 2 + n // BLOCKSIZE + n * 2
@@ -133,18 +129,28 @@ def main(argv=None):
       "dequantize_4bit": in_program(dequantize, states_dq[0], "dequantize_4bit"),
   }
 
-  timings = {
-      "quantize": time_calls(quantize, ws, reps=reps),
-      "quantize_double_quant": time_calls(quantize_dq, ws, reps=reps),
-      "quantize_naive_jnp": time_calls(naive_q, ws, reps=3, warmup=1),
-      "quantize_stream_only": time_calls(jax.jit(functools.partial(stream, shrink=True, interpret=it)), ws,
-                                         reps=reps),
-      "dequantize": time_calls(dequantize, [(s,) for s in states], reps=reps),
-      "dequantize_double_quant": time_calls(dequantize, [(s,) for s in states_dq], reps=reps),
-      "dequantize_naive_jnp": time_calls(naive_dq, [(s,) for s in states_dq], reps=reps),
-      "dequantize_stream_only": time_calls(jax.jit(functools.partial(stream, shrink=False, interpret=it)),
-                                           [(s.data,) for s in states], reps=reps),
-  }
+  direct = jax.jit(lambda v: _quantize_4bit_kernel.quantize_4bit(
+      v, blocksize=BLOCKSIZE, quant_type="nf4", interpret=it))
+  flat = [(w.reshape(-1),) for w in weights]
+  dq_states = [(s,) for s in states]
+  dq_nested = [(s,) for s in states_dq]
+  # All figures of one table measured in alternation (see time_interleaved).
+  timings = time_interleaved({
+      "bf16_copy": (jax.jit(lambda w: -w), ws),
+      "quantize": (quantize, ws),
+      "quantize_kernel_flat_input": (direct, flat),
+      "quantize_double_quant": (quantize_dq, ws),
+      "quantize_naive_jnp": (naive_q, ws),
+      "quantize_stream_only": (jax.jit(functools.partial(stream, shrink=True, interpret=it)), ws),
+      "dequantize": (dequantize, dq_states),
+      "dequantize_double_quant": (dequantize, dq_nested),
+      "dequantize_naive_jnp": (naive_dq, dq_nested),
+      "dequantize_stream_only": (jax.jit(functools.partial(stream, shrink=False, interpret=it)),
+                                 [(s.data,) for s in states]),
+  }, reps=reps)
+  copy_t = timings["bf16_copy"]
+  results["bf16_copy"] = {**copy_t.as_dict(), "bytes": copy_bytes,
+                          "tb_per_s": copy_bytes / copy_t.median_us / 1e6}
   results["timings_us"] = {k: v.as_dict() for k, v in timings.items()}
 
   w32 = weights[0].astype(jnp.float32)
@@ -204,28 +210,30 @@ def main(argv=None):
          for k, v in results["blockwise8_bs256_us"].items()})
 
   if not args.no_sweep:
-    sweep = []
-    flat = [(w.reshape(-1),) for w in weights]
+    cases, labels = {}, {}
     for elems, warps, tiles, evict in SWEEP:
       base = dict(elems_per_program=elems, num_warps=warps, tiles_per_program=tiles,
                   eviction_policy=evict)
       for encoder in ("table", "compare") if tiles == 1 and evict is None else ("table",):
         cfg = KernelConfig(encoder=encoder, **base)
-        fn = jax.jit(functools.partial(_quantize_4bit_kernel.quantize_4bit, blocksize=BLOCKSIZE,
-                                       quant_type="nf4", config=cfg, interpret=it))
-        sweep.append({"op": "quantize", **base, "encoder": encoder,
-                      "median_us": time_calls(fn, flat, reps=reps).median_us})
+        name = f"quantize {cfg}"
+        cases[name] = (jax.jit(functools.partial(
+            _quantize_4bit_kernel.quantize_4bit, blocksize=BLOCKSIZE, quant_type="nf4",
+            config=cfg, interpret=it)), flat)
+        labels[name] = {"op": "quantize", **base, "encoder": encoder}
       cfg = KernelConfig(**base)
-      for nested, sts in (("no", states), ("yes", states_dq)):
-        fn = jax.jit(lambda s, cfg=cfg: _dequantize_4bit_kernel.dequantize_4bit(
+      for nested, sts in (("no", dq_states), ("yes", dq_nested)):
+        name = f"dequantize nested={nested} {cfg}"
+        cases[name] = (jax.jit(lambda s, cfg=cfg: _dequantize_4bit_kernel.dequantize_4bit(
             s.data, s.absmax, s.code, *((s.nested_absmax, s.nested_code, s.offset)
                                         if s.nested else ()),
-            blocksize=BLOCKSIZE, n=n, dtype=jnp.bfloat16, config=cfg, interpret=it))
-        sweep.append({"op": "dequantize", "nested": nested, **base,
-                      "median_us": time_calls(fn, [(s,) for s in sts], reps=reps).median_us})
-    results["sweep"] = sweep
-    print("sweep (median us):")
-    for row in sweep:
+            blocksize=BLOCKSIZE, n=n, dtype=jnp.bfloat16, config=cfg, interpret=it)), sts)
+        labels[name] = {"op": "dequantize", "nested": nested, **base}
+    swept = time_interleaved(cases, reps=max(1, reps // 2))
+    results["sweep"] = [{**labels[k], "median_us": t.median_us, "min_us": t.min_us}
+                        for k, t in swept.items()]
+    print("sweep (median us, measured in alternation):")
+    for row in results["sweep"]:
       print("  ", row)
 
   out = pathlib.Path(args.out)
