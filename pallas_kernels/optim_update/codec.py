@@ -137,3 +137,86 @@ def _low0(signed: bool) -> float:
   first = 1e-6 * (0.1 + 0.45 / n)
   t_mid = ((first / 2) * 1e6 - 0.1) * (n / 0.9) - 0.5
   return float(np.float32(t_mid))
+
+
+# -- segment-table encoder ---------------------------------------------------------------------
+#
+# The positive half of a map splits into segments: [0, M_0) -> 0.0, [M_i, M_i+1) -> decade i
+# (i = 0..6), [M_7, inf) -> 1.0, where M_i are the midpoints between neighbouring decades. In
+# segment s the nearest code is ``min(trunc(y * A[s] + C[s]), H[s])``. A power-of-two octave
+# of y meets at most two segments, so the segment is ``LO[o] + (y >= S[o])`` for the octave
+# ``o`` read from the float's exponent bits. Every table has 32 float32 entries (one 128-byte
+# line): a lookup costs about as much as a coalesced load, unlike a gather into a 256-entry map.
+
+_OCTAVE_BIAS = 24  # octave 0 holds y in [2**-24, 2**-23) (and everything smaller)
+N_TABLE = 32
+
+
+def _positive_codes(signed: bool) -> tuple[np.ndarray, int, list[tuple[int, int]]]:
+  """Codes (float64) of the non-negative half by index, the index of 0.0, and per decade
+  ``(first index, count)``."""
+  extra = 0 if signed else 1
+  zero = ZERO_INDEX[signed]
+  values = np.zeros(256)
+  decades = []
+  for i in range(7):
+    n = 1 << (i + extra)
+    base = (1 << (i + extra)) + (127 if signed else -1)
+    j = np.arange(n)
+    values[base:base + n] = np.float32(10.0 ** (i - 6)) * np.float32(0.1 + 0.9 * (j + 0.5) / n)
+    decades.append((base, n))
+  values[255] = 1.0
+  return values, zero, decades
+
+
+def encode_tables(signed: bool) -> dict[str, np.ndarray]:
+  """``LO, S`` (per octave) and ``A, C, H`` (per segment) as float32 ``(32,)`` arrays."""
+  values, zero, decades = _positive_codes(signed)
+  # Segment 0 is 0.0, 1..7 the decades, 8 is 1.0; starts[s] is where segment s begins.
+  starts = [0.0]
+  a, c, h = [0.0], [zero + 0.5], [float(zero)]
+  prev_last = 0.0
+  for i, (base, n) in enumerate(decades):
+    starts.append((prev_last + values[base]) / 2)
+    a.append(10.0 ** (6 - i) * n / 0.9)
+    c.append(base - 0.1 * n / 0.9)
+    h.append(float(base + n - 1))
+    prev_last = values[base + n - 1]
+  starts.append((prev_last + 1.0) / 2)
+  a.append(0.0)
+  c.append(255.5)
+  h.append(255.0)
+  lo = np.zeros(N_TABLE)
+  split = np.full(N_TABLE, np.inf)
+  for o in range(N_TABLE):
+    low, high = 2.0 ** (o - _OCTAVE_BIAS), 2.0 ** (o - _OCTAVE_BIAS + 1)
+    seg = 0 if o == 0 else max(s for s in range(len(starts)) if starts[s] <= low)
+    inside = [s for s in range(len(starts)) if low < starts[s] < high]
+    if len(inside) > 1:
+      raise AssertionError(f"octave {o} meets more than two segments")
+    lo[o] = seg
+    if inside:
+      split[o] = np.float32(starts[inside[0]])
+  pad = lambda v: np.pad(np.asarray(v, np.float64), (0, N_TABLE - len(v)))  # noqa: E731
+  f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
+  split = np.where(np.isinf(split), np.float32(3e38), split)
+  return {"LO": f32(lo), "S": f32(split), "A": f32(pad(a)), "C": f32(pad(c)), "H": f32(pad(h))}
+
+
+TABLE_NAMES = ("LO", "S", "A", "C", "H")
+
+
+def encode_segments(x: jax.Array, signed: bool, lookup) -> jax.Array:
+  """:func:`encode` by segment tables. ``lookup(name, index)`` reads table ``name`` (see
+  :func:`encode_tables`) at an int32 index array: ``tables[name][index]`` under XLA, a ref
+  read inside a kernel."""
+  y = jnp.abs(x)
+  bits = jax.lax.bitcast_convert_type(y, jnp.int32)
+  octave = jnp.clip(((bits >> 23) & 0xFF) - (127 - _OCTAVE_BIAS), 0, N_TABLE - 1)
+  seg = lookup("LO", octave) + jnp.where(y >= lookup("S", octave), 1.0, 0.0)
+  seg = seg.astype(jnp.int32)
+  pos = jnp.minimum(y * lookup("A", seg) + lookup("C", seg), lookup("H", seg))
+  idx = pos.astype(jnp.int32)
+  if signed:
+    idx = jnp.where(x < 0, jnp.clip(254 - idx, 0, 126), idx)
+  return idx

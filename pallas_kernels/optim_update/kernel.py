@@ -39,13 +39,19 @@ class KernelConfig:
     num_warps: Triton warps per program.
     num_stages: Triton pipelining stages.
     decode: ``"arith"`` (no table lookups) or ``"table"`` (gather from the map).
-    fast_log: encode with the bit-level ``log2`` of ``codec._log2_fast`` instead of ``log2``.
+    encode: ``"segments"`` (five lookups into 32-entry tables, ``codec.encode_segments``) or
+      ``"arith"`` (``codec.encode``).
+    fast_log: with ``encode="arith"``, the bit-level ``log2`` instead of ``log2``.
+    alias: update parameters (``write="param"``) and state in place (``input_output_aliases``);
+      without donation of those buffers by the caller XLA then copies them first.
   """
-  max_rows: int = 16
-  num_warps: int = 8
+  max_rows: int = 2
+  num_warps: int = 4
   num_stages: int = 1
   decode: str = "table"
+  encode: str = "segments"
   fast_log: bool = True
+  alias: bool = True
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -59,18 +65,27 @@ def rows_per_program(n_blocks: int, max_rows: int) -> int:
   return rows
 
 
-def _quantize(s, signed, fast_log):
+def _quantize(s, signed, fast_log, tables):
   absmax = jnp.max(jnp.abs(s), axis=1)
   safe = jnp.where(absmax > 0, absmax, 1.0)
   recip = jnp.where(absmax > 0, 1.0 / safe, 0.0)
-  return codec.encode(s * recip[:, None], signed, fast_log).astype(jnp.uint8), absmax
+  scaled = s * recip[:, None]
+  if tables is None:
+    codes = codec.encode(scaled, signed, fast_log)
+  else:
+    codes = codec.encode_segments(scaled, signed, lambda name, i: tables[name][i])
+  return codes.astype(jnp.uint8), absmax
 
 
-def _body(*refs, fam, flags, write, has_p, table, n_states, fast_log):
+def _body(*refs, fam, flags, write, has_p, table, n_states, fast_log, segments):
   it = iter(refs)
   hp_ref, g_ref = next(it), next(it)
   p_ref = next(it) if has_p else None
   map_refs = [next(it) for _ in range(n_states)] if table else [None] * n_states
+  seg_refs = {}
+  if segments:
+    for signed in sorted(set(fam.signed)):
+      seg_refs[signed] = {name: next(it) for name in codec.TABLE_NAMES}
   q_refs = [next(it) for _ in range(n_states)]
   a_refs = [next(it) for _ in range(n_states)]
   out_ref = next(it)
@@ -92,7 +107,8 @@ def _body(*refs, fam, flags, write, has_p, table, n_states, fast_log):
   u = families.epilogue(direction, p, h)
   out_ref[...] = (p + u).astype(out_ref.dtype) if write == "param" else u.astype(out_ref.dtype)
   for k in range(n_states):
-    codes, absmax = _quantize(new[k], fam.signed[k], fast_log)
+    codes, absmax = _quantize(new[k], fam.signed[k], fast_log,
+                              seg_refs.get(fam.signed[k]) if segments else None)
     qo_refs[k][...] = codes
     ao_refs[k][...] = absmax
 
@@ -101,6 +117,10 @@ def _body(*refs, fam, flags, write, has_p, table, n_states, fast_log):
 def _silence_triton_deprecation() -> None:
   warnings.filterwarnings("ignore", message=r"(?s).*Triton.*deprecated",
                           category=DeprecationWarning)
+
+
+def out_dtype_for(write: str, g: jax.Array, p: jax.Array | None):
+  return p.dtype if write == "param" else g.dtype
 
 
 def update_8bit(g: jax.Array, p: jax.Array | None, codes: tuple[jax.Array, ...],
@@ -119,6 +139,8 @@ def update_8bit(g: jax.Array, p: jax.Array | None, codes: tuple[jax.Array, ...],
     raise ValueError(f"write must be 'update' or 'param', got {write!r}")
   if config.decode not in ("arith", "table"):
     raise ValueError(f"decode must be 'arith' or 'table', got {config.decode!r}")
+  if config.encode not in ("arith", "segments"):
+    raise ValueError(f"encode must be 'arith' or 'segments', got {config.encode!r}")
   fam = families.FAMILIES[family]
   n_states = fam.n_states
   n_blocks, bs = g.shape
@@ -139,21 +161,34 @@ def update_8bit(g: jax.Array, p: jax.Array | None, codes: tuple[jax.Array, ...],
   if table:
     args += [m.astype(jnp.float32) for m in maps]
     in_specs += [whole(256)] * n_states
+  segments = config.encode == "segments"
+  if segments:
+    for signed in sorted(set(fam.signed)):
+      tables = codec.encode_tables(signed)
+      args += [jnp.asarray(tables[name]) for name in codec.TABLE_NAMES]
+      in_specs += [whole(codec.N_TABLE)] * len(codec.TABLE_NAMES)
+  first_state = len(args)
   args += list(codes) + [a.reshape(n_blocks) for a in absmax]
   in_specs += [tile] * n_states + [row] * n_states
+  aliases = {}
+  if config.alias:
+    aliases = {first_state + k: 1 + k for k in range(2 * n_states)}
+    if write == "param" and p.dtype == out_dtype_for(write, g, p):
+      aliases[2] = 0
 
-  out_dtype = p.dtype if write == "param" else g.dtype
+  out_dtype = out_dtype_for(write, g, p)
   out_shape = ([jax.ShapeDtypeStruct((n_blocks, bs), out_dtype)]
                + [jax.ShapeDtypeStruct((n_blocks, bs), jnp.uint8)] * n_states
                + [jax.ShapeDtypeStruct((n_blocks,), jnp.float32)] * n_states)
   out_specs = [tile] + [tile] * n_states + [row] * n_states
   body = functools.partial(_body, fam=fam, flags=families.flag_dict(fam, flags), write=write,
                            has_p=has_p, table=table, n_states=n_states,
-                           fast_log=config.fast_log)
+                           fast_log=config.fast_log, segments=segments)
   _silence_triton_deprecation()
   outs = pl.pallas_call(
       body, out_shape=out_shape, grid=(n_blocks // rows,), in_specs=in_specs,
       out_specs=out_specs, interpret=interpret, name=f"optim_{family}_8bit",
+      input_output_aliases=aliases,
       compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
                                               num_stages=config.num_stages),
   )(*args)
