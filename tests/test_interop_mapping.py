@@ -8,6 +8,7 @@ is refused naming the tensor and the model path.
 
 import json
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -53,6 +54,17 @@ def test_linear4bit_file_into_a_layer_gives_recorded_outputs(dq, tmp_path):
   out = tmp_path / "back.safetensors"
   bnb.save(out, interop.state_dict(layer, EXPORT_NAMES.get), metadata=bnb.metadata(LINEAR4[dq]))
   assert out.read_bytes() == LINEAR4[dq].read_bytes()
+
+
+def test_linear4bit_file_into_linen_variables():
+  module = jqnn.Dense4bit(64, quant_type="nf4", blocksize=64, double_quant=True)
+  variables = jax.eval_shape(module.init, jax.random.key(0), jnp.ones((1, 256)))
+  assert set(interop.model_paths(variables)) == {"params.bias", "quantized.kernel"}
+  variables = interop.load_into(variables, bnb.load(LINEAR4[1], progress=False),
+                                {"weight": "quantized.kernel", "bias": "params.bias"})
+  io = golden("bnb_linear4bit_dq1_io")
+  np.testing.assert_allclose(np.asarray(module.apply(variables, jnp.asarray(io["x"]))), io["y"],
+                             rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("thr", (0, 6))

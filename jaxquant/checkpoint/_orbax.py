@@ -237,7 +237,8 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False, block: bool
     path: a directory that must not exist (unless ``force``).
     tree: any pytree (dicts, lists, NamedTuples, dataclasses, ``nnx.State``) of ``jax.Array``,
       ``np.ndarray``, Python scalars and :class:`~jaxquant.QuantState`.
-    force: overwrite an existing checkpoint at ``path``.
+    force: overwrite an existing checkpoint at ``path`` (Orbax removes it before writing the
+      new one: a crash in between leaves no checkpoint there, never a mix of the two).
     block: wait until the checkpoint is committed. With ``block=False`` the device arrays are
       copied to host memory before returning and written in a background thread; call
       ``.wait()`` on the result before relying on the files.
