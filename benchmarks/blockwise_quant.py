@@ -164,14 +164,25 @@ def main(argv=None):
   results["target_us"] = TARGET_US
   print(f"W3 on {results['env']['device']} (jax {results['env']['jax']}): {size}x{size} bf16 -> NF4,"
         f" blocksize 64; median us over {reps} reps x 8 weights")
-  print(_fmt(["op", "jaxquant", "+double quant", "naive jnp", "memory-only Pallas",
-              "bf16 copy", "floor", "target", "met"]))
+  # TARGETS.md's times come from a machine whose bf16 copy of this weight is at its 3.0 TB/s
+  # ceiling; judged by the ratio to the copy measured here, a target is target / that copy.
+  copy_at_ceiling_us = copy_bytes / HBM_BYTES_PER_S * 1e6
+  results["ratio_to_bf16_copy"], results["target_ratio_to_bf16_copy"] = {}, {}
+  print(_fmt(["op", "jaxquant", "kernel (flat input)", "+double quant", "naive jnp",
+              "memory-only Pallas", "bf16 copy", "jaxquant / copy", "target / copy", "floor",
+              "target", "met (abs)", "met (ratio)"]))
   for op in ("quantize", "dequantize"):
     t = timings[op].median_us
-    print(_fmt([op, f"{t:.1f}", f"{timings[op + '_double_quant'].median_us:.1f}",
+    ratio, target_ratio = t / copy_t.median_us, TARGET_US[op] / copy_at_ceiling_us
+    results["ratio_to_bf16_copy"][op] = ratio
+    results["target_ratio_to_bf16_copy"][op] = target_ratio
+    flat_t = timings.get(op + "_kernel_flat_input")
+    print(_fmt([op, f"{t:.1f}", f"{flat_t.median_us:.1f}" if flat_t else "-",
+                f"{timings[op + '_double_quant'].median_us:.1f}",
                 f"{timings[op + '_naive_jnp'].median_us:.1f}",
                 f"{timings[op + '_stream_only'].median_us:.1f}", f"{copy_t.median_us:.1f}",
-                f"{floors[op]:.1f}", f"<= {TARGET_US[op]:.0f}", t <= TARGET_US[op]]))
+                f"{ratio:.2f}", f"{target_ratio:.2f}", f"{floors[op]:.1f}",
+                f"<= {TARGET_US[op]:.0f}", t <= TARGET_US[op], ratio <= target_ratio]))
   print("relative Frobenius error:", results["rel_frobenius_error"])
   print("exact:", exact, "kernel in compiled HLO:", results["kernel_in_compiled_hlo"])
 
