@@ -141,7 +141,7 @@ def kernel_sweep(dim: int, configs) -> list[dict]:
   impls = [("pallas", c) for c in configs] + [("xla", None)]
   for impl, cfg in impls:
     label = "xla reference" if cfg is None else (
-        f"encode={cfg.encode} rows={cfg.max_rows} warps={cfg.num_warps}")
+        f"decode={cfg.decode} encode={cfg.encode} rows={cfg.max_rows} warps={cfg.num_warps}")
     try:
       kw = dict(family="adam", write="param", codebook="dynamic")
       if cfg is not None:
@@ -247,10 +247,9 @@ def main() -> None:
   grads = _params(args.leaves, args.dim, 1, 1e-3)
   state_bytes = 2 * n_params + 2 * 4 * (n_params // 256)  # codes + absmax of mu and nu
 
-  configs = [kernel.KernelConfig(max_rows=r, num_warps=w, encode="segments")
-             for r, w in ((1, 2), (2, 2), (1, 4), (2, 4), (4, 4), (4, 8))]
-  configs += [kernel.KernelConfig(max_rows=r, num_warps=w, encode="arith", fast_log=True)
-              for r, w in ((1, 2), (2, 4))]
+  configs = [kernel.KernelConfig(max_rows=r, num_warps=w, decode=d, encode="segments")
+             for d in ("table", "segments") for r, w in ((1, 2), (2, 2), (2, 4), (4, 4))]
+  configs += [kernel.KernelConfig(max_rows=2, num_warps=2, encode="arith", fast_log=True)]
   best = {"cfg": None}
 
   def sweep():
@@ -265,7 +264,7 @@ def main() -> None:
 
   if not args.skip_offload:
     section("host_link", lambda: host_link(state_bytes))
-    for chunk in (None, 1 << 22):
+    for chunk in (None,):
       def off(chunk=chunk):
         nonlocal params
         res, params = run_adamw8bit(params, grads, n_params, fused=True, config=cfg,

@@ -312,6 +312,6 @@ def test_gpu_fused_optimizer_matches_reference_backend(name):
   # encodes arithmetically); such an element's update then differs by a fraction of lr.
   for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pr)):
     diff = np.abs(np.asarray(a) - np.asarray(b))
-    assert diff.max() < 5 * 1e-3 * 0.2 and np.mean(diff > 3e-6) < 1e-4
+    assert diff.max() < 5 * 1e-3 * 0.2 and np.sum(diff > 3e-6) <= max(2, 1e-4 * diff.size)
   text = step_f.lower(g, sf, pf).as_text()
   assert "triton" in text.lower()  # the fused Pallas kernel, not the reference

@@ -1,5 +1,5 @@
 """Host-offloaded optimizer state: state in ``pinned_host`` between steps, streamed through the
-device in chunks inside the jitted update, same numbers as on-device state."""
+device inside the jitted update (whole or in chunks), same numbers as on-device state."""
 
 from __future__ import annotations
 

@@ -88,9 +88,10 @@ class Options:
     backend: ``None``/"auto", "xla", "pallas" or "interpret" (see ``jaxquant._dispatch``).
     offload: keep the state in host memory (``pinned_host``) and stream it through the device
       leaf by leaf inside the update.
-    offload_chunk: with ``offload``, elements per streamed chunk of a leaf's state (the
-      device holds about three chunks of state at a time); ``None`` moves each leaf's state
-      whole and leaves the schedule to XLA.
+    offload_chunk: with ``offload``, ``None`` (default) moves each leaf's state to the device
+      and back whole and leaves the schedule to XLA; an integer streams each leaf's state in
+      chunks of that many elements through a pipelined ``lax.scan`` (see ``_offload``; on an
+      H100 with jax 0.11.2 this measured slower).
     kernel_config: launch parameters for the fused kernel (``None``: defaults), for tuning.
   """
   min_8bit_size: int = 4096
@@ -100,7 +101,7 @@ class Options:
   max_unorm: float = 0.0
   backend: str | None = None
   offload: bool = False
-  offload_chunk: int | None = 1 << 22
+  offload_chunk: int | None = None
   kernel_config: Any = None
 
   def __post_init__(self):

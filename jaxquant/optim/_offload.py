@@ -5,15 +5,18 @@ JAX has no unified memory; it has *memory kinds*: an array lives in the device's
 (``"device"``) or in page-locked host memory (``"pinned_host"``), and inside ``jit``
 ``jax.device_put(x, jax.memory.Space.Device / Host)`` is an asynchronous copy over the host link.
 
-The 8-bit transforms with ``offload=True`` keep every state array in ``pinned_host``. Inside the
-jitted update each parameter's state is streamed in chunks of ``offload_chunk`` elements by a
-``lax.scan`` that is software-pipelined by hand: iteration ``k`` copies chunk ``k + 1`` in,
-runs the fused update on chunk ``k`` (copied in by the previous iteration) and copies the new
-chunk ``k`` out (the scan stacks it into a host buffer). The copy in of the next chunk overlaps
-the update and the copy out of the current one, and the device never holds more than about three
-chunks of state. (Moving whole leaves instead, ``offload_chunk=None``, lets XLA schedule the
-copies; it tends to bring in all of the state before the first update, so the device briefly
-holds all of it and the two link directions do not overlap.)
+The 8-bit transforms with ``offload=True`` keep every state array in ``pinned_host``; between
+steps the device holds none of it. Inside the jitted update each parameter's state is copied in,
+updated by the fused kernel and copied out (``offload_chunk=None``, the default): XLA schedules
+the copies. Measured on an H100 (jax 0.11.2, W5 in ``benchmarks/optim_step.py``) it brings in
+the whole state before the first update, so during the step the device briefly holds one copy of
+the state and the two link directions barely overlap (step ~1.9x the one-way host-link time).
+
+``offload_chunk=n`` instead streams each leaf in chunks of ``n`` elements through a ``lax.scan``
+that is software-pipelined by hand: iteration ``k`` copies chunk ``k + 1`` in, updates chunk
+``k`` and copies it out (the scan stacks it into a host buffer). It bounds the device's share
+of the state to a few chunks in principle, but XLA executes the dynamic slice of a host array as
+host computation, and it measured slower; it is kept as an option and tested for equality.
 
 ``offload_state(tx)`` turns any Optax transform into one whose state lives on the host; for the
 jaxquant 8-bit transforms it switches on the streaming above, for any other transform it moves
@@ -131,11 +134,11 @@ def stream_blocks(update: Callable, gb: jax.Array, pb: jax.Array | None,
 
 
 def offload_state(tx: optax.GradientTransformation, *,
-                  chunk: int | None = 1 << 22) -> optax.GradientTransformationExtraArgs:
+                  chunk: int | None = None) -> optax.GradientTransformationExtraArgs:
   """``tx`` with its state kept in host memory between steps.
 
   Args:
-    tx: any Optax transform. A jaxquant 8-bit transform streams its state in chunks (see the
+    tx: any Optax transform. A jaxquant 8-bit transform moves its state leaf by leaf (see the
       module docstring); any other moves its whole state to the device for the update and back.
     chunk: for jaxquant transforms, ``offload_chunk`` (elements per streamed chunk).
 

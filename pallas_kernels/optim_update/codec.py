@@ -220,3 +220,38 @@ def encode_segments(x: jax.Array, signed: bool, lookup) -> jax.Array:
   if signed:
     idx = jnp.where(x < 0, jnp.clip(254 - idx, 0, 126), idx)
   return idx
+
+
+def decode_tables(signed: bool) -> dict[str, np.ndarray]:
+  """Per power of two ``top`` of the code's rank: the value of its first code ``A`` and the
+  step ``B`` between codes (float32 ``(32,)``), for :func:`decode_segments`."""
+  extra = 0 if signed else 1
+  a = np.zeros(N_TABLE)
+  b = np.zeros(N_TABLE)
+  for top in range(extra, 7 + extra):
+    i, n = top - extra, 1 << top
+    p10 = np.float32(10.0 ** (i - 6))
+    a[top], b[top] = p10 * (0.1 + 0.45 / n), p10 * 0.9 / n
+  a[7 + extra] = 1.0  # the code 1.0 (rank 128 signed, 256 unsigned)
+  return {"DA": a.astype(np.float32), "DB": b.astype(np.float32)}
+
+
+DECODE_TABLE_NAMES = ("DA", "DB")
+
+
+def decode_segments(q: jax.Array, signed: bool, lookup) -> jax.Array:
+  """:func:`decode` with two lookups into 32-entry tables (see :func:`decode_tables`)."""
+  k = q.astype(jnp.int32)
+  if signed:
+    r = jnp.where(k >= 127, k - 127, 127 - k)
+  else:
+    r = k + 1
+  top = 31 - jax.lax.clz(jnp.maximum(r, 1))
+  j = (r - (1 << top)).astype(jnp.float32)
+  value = lookup("DA", top) + lookup("DB", top) * j
+  if signed:
+    value = jnp.where(k == 127, 0.0, value)
+    value = jnp.where(k < 127, -value, value)
+  else:
+    value = jnp.where(k == 0, 0.0, value)
+  return value

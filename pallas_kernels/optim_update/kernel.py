@@ -38,7 +38,8 @@ class KernelConfig:
       largest power of two ``<= max_rows`` that divides the number of blocks.
     num_warps: Triton warps per program.
     num_stages: Triton pipelining stages.
-    decode: ``"arith"`` (no table lookups) or ``"table"`` (gather from the map).
+    decode: ``"table"`` (gather from the 256-entry map), ``"segments"`` (two lookups into
+      32-entry tables, ``codec.decode_segments``) or ``"arith"`` (``codec.decode``).
     encode: ``"segments"`` (five lookups into 32-entry tables, ``codec.encode_segments``) or
       ``"arith"`` (``codec.encode``).
     fast_log: with ``encode="arith"``, the bit-level ``log2`` instead of ``log2``.
@@ -46,7 +47,7 @@ class KernelConfig:
       without donation of those buffers by the caller XLA then copies them first.
   """
   max_rows: int = 2
-  num_warps: int = 4
+  num_warps: int = 2
   num_stages: int = 1
   decode: str = "table"
   encode: str = "segments"
@@ -77,7 +78,7 @@ def _quantize(s, signed, fast_log, tables):
   return codes.astype(jnp.uint8), absmax
 
 
-def _body(*refs, fam, flags, write, has_p, table, n_states, fast_log, segments):
+def _body(*refs, fam, flags, write, has_p, table, n_states, fast_log, segments, decode):
   it = iter(refs)
   hp_ref, g_ref = next(it), next(it)
   p_ref = next(it) if has_p else None
@@ -86,6 +87,10 @@ def _body(*refs, fam, flags, write, has_p, table, n_states, fast_log, segments):
   if segments:
     for signed in sorted(set(fam.signed)):
       seg_refs[signed] = {name: next(it) for name in codec.TABLE_NAMES}
+  dec_refs = {}
+  if decode == "segments":
+    for signed in sorted(set(fam.signed)):
+      dec_refs[signed] = {name: next(it) for name in codec.DECODE_TABLE_NAMES}
   q_refs = [next(it) for _ in range(n_states)]
   a_refs = [next(it) for _ in range(n_states)]
   out_ref = next(it)
@@ -100,6 +105,9 @@ def _body(*refs, fam, flags, write, has_p, table, n_states, fast_log, segments):
     q = q_refs[k][...].astype(jnp.int32)
     if table:
       values = map_refs[k][q]
+    elif decode == "segments":
+      refs_k = dec_refs[fam.signed[k]]
+      values = codec.decode_segments(q, fam.signed[k], lambda name, i: refs_k[name][i])
     else:
       values = codec.decode(q, fam.signed[k])
     states.append(values * a_refs[k][...][:, None])
@@ -137,8 +145,8 @@ def update_8bit(g: jax.Array, p: jax.Array | None, codes: tuple[jax.Array, ...],
     raise NotImplementedError("the fused kernel does not implement max_unorm; use the reference")
   if write not in ("update", "param"):
     raise ValueError(f"write must be 'update' or 'param', got {write!r}")
-  if config.decode not in ("arith", "table"):
-    raise ValueError(f"decode must be 'arith' or 'table', got {config.decode!r}")
+  if config.decode not in ("arith", "table", "segments"):
+    raise ValueError(f"decode must be 'arith', 'table' or 'segments', got {config.decode!r}")
   if config.encode not in ("arith", "segments"):
     raise ValueError(f"encode must be 'arith' or 'segments', got {config.encode!r}")
   fam = families.FAMILIES[family]
@@ -167,6 +175,11 @@ def update_8bit(g: jax.Array, p: jax.Array | None, codes: tuple[jax.Array, ...],
       tables = codec.encode_tables(signed)
       args += [jnp.asarray(tables[name]) for name in codec.TABLE_NAMES]
       in_specs += [whole(codec.N_TABLE)] * len(codec.TABLE_NAMES)
+  if config.decode == "segments":
+    for signed in sorted(set(fam.signed)):
+      tables = codec.decode_tables(signed)
+      args += [jnp.asarray(tables[name]) for name in codec.DECODE_TABLE_NAMES]
+      in_specs += [whole(codec.N_TABLE)] * len(codec.DECODE_TABLE_NAMES)
   first_state = len(args)
   args += list(codes) + [a.reshape(n_blocks) for a in absmax]
   in_specs += [tile] * n_states + [row] * n_states
@@ -183,7 +196,8 @@ def update_8bit(g: jax.Array, p: jax.Array | None, codes: tuple[jax.Array, ...],
   out_specs = [tile] + [tile] * n_states + [row] * n_states
   body = functools.partial(_body, fam=fam, flags=families.flag_dict(fam, flags), write=write,
                            has_p=has_p, table=table, n_states=n_states,
-                           fast_log=config.fast_log, segments=segments)
+                           fast_log=config.fast_log, segments=segments,
+                           decode=config.decode)
   _silence_triton_deprecation()
   outs = pl.pallas_call(
       body, out_shape=out_shape, grid=(n_blocks // rows,), in_specs=in_specs,

@@ -112,9 +112,13 @@ def _compare(case, got, want, exact):
 @pytest.mark.parametrize("signed", [True, False])
 def test_codec_decode_matches_tables(signed):
   table = codebooks.dynamic_map(signed)
-  values = np.asarray(codec.decode(jnp.arange(256), signed))
-  np.testing.assert_allclose(values, table, rtol=5e-7, atol=0)
-  assert values[codec.ZERO_INDEX[signed]] == 0.0 and values[255] == 1.0
+  dec = {k: jnp.asarray(v) for k, v in codec.decode_tables(signed).items()}
+  for values in (codec.decode(jnp.arange(256), signed),
+                 codec.decode_segments(jnp.arange(256, dtype=jnp.uint8), signed,
+                                       lambda n, i: dec[n][i])):
+    values = np.asarray(values)
+    np.testing.assert_allclose(values, table, rtol=5e-7, atol=0)
+    assert values[codec.ZERO_INDEX[signed]] == 0.0 and values[255] == 1.0
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -171,9 +175,9 @@ def test_segment_encoder_is_nearest_code(signed):
 
 
 @functools.cache
-def _interpret_fn(case, write, has_p, max_rows=8, encode="segments"):
+def _interpret_fn(case, write, has_p, max_rows=8, encode="segments", decode="table"):
   flags = CASES[case][0]
-  cfg = kernel.KernelConfig(max_rows=max_rows, num_warps=4, encode=encode)
+  cfg = kernel.KernelConfig(max_rows=max_rows, num_warps=4, encode=encode, decode=decode)
   return jax.jit(functools.partial(api.update_8bit_interpret, family=_family(case), flags=flags,
                                    write=write, config=cfg))
 
@@ -183,7 +187,8 @@ def test_interpret_matches_reference(case):
   g, p, codes, absmax, maps = _inputs(case, n_blocks=16)
   hp = _hparams(case)
   write = "param" if case == "adam" else "update"
-  got = _interpret_fn(case, write, True)(g, p, codes, absmax, maps, hp)
+  decode = "segments" if case in ("ademamix", "momentum") else "table"
+  got = _interpret_fn(case, write, True, decode=decode)(g, p, codes, absmax, maps, hp)
   want = reference.update_8bit(g, p, codes, absmax, maps, hp, family=_family(case),
                                flags=CASES[case][0], write=write)
   _compare(case, got, want, _exact_states(case, g, codes, absmax, maps, hp))
@@ -241,7 +246,7 @@ def test_gpu_kernel_matches_reference(case, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("decode", ["arith", "table"])
+@pytest.mark.parametrize("decode", ["arith", "table", "segments"])
 @pytest.mark.parametrize("encode, fast_log", [("segments", True), ("arith", True),
                                               ("arith", False)])
 def test_gpu_kernel_configs(decode, encode, fast_log):
