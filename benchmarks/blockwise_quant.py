@@ -8,7 +8,8 @@ and out (what a Triton kernel of this shape can stream), a sweep of launch confi
 
 Run on the GPU from the repository root::
 
-  PYTHONPATH=$PWD python3 benchmarks/blockwise_quant.py --out benchmarks/results/blockwise_quant.json
+  PYTHONPATH=$PWD python3 benchmarks/blockwise_quant.py \
+      --out benchmarks/results/blockwise_quant.json
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def main(argv=None):
   weights = distinct_inputs(
       lambda k: (0.02 * jax.random.normal(k, (size, size), jnp.float32)).astype(jnp.bfloat16), 8)
   ws = [(w,) for w in weights]
-  results = {"env": report_env(), "shape": [size, size], "blocksize": BLOCKSIZE, "quant_type": "nf4"}
+  results = {"env": report_env(), "shape": [size, size], "blocksize": BLOCKSIZE,
+             "quant_type": "nf4"}
 
   copy_bytes = 2 * size * size * 2
   n = size * size
@@ -162,7 +164,8 @@ def main(argv=None):
             "dequantize": dq_bytes_nested / HBM_BYTES_PER_S * 1e6}
   results["floor_us"] = floors
   results["target_us"] = TARGET_US
-  print(f"W3 on {results['env']['device']} (jax {results['env']['jax']}): {size}x{size} bf16 -> NF4,"
+  print(f"W3 on {results['env']['device']} (jax {results['env']['jax']}): "
+        f"{size}x{size} bf16 -> NF4,"
         f" blocksize 64; median us over {reps} reps x 8 weights")
   # TARGETS.md's times come from a machine whose bf16 copy of this weight is at its 3.0 TB/s
   # ceiling; judged by the ratio to the copy measured here, a target is target / that copy.

@@ -1,9 +1,10 @@
 """Helpers shared by the blockwise quantization kernels (Pallas, Triton lowering on the GPU).
 
-Every kernel of this family works on a flat array cut into *programs* of ``rows`` quantization
-blocks (``rows * blocksize`` consecutive elements, a power of two); the last program may overhang
-the array, in which case its loads and stores are masked. Inside a program the elements are
-reshaped to ``(rows, blocksize)`` so that a block's absmax is a row reduction.
+Every kernel of this family works on a flat array cut into *tiles* of ``rows`` quantization
+blocks (``rows * blocksize`` consecutive elements, a power of two); a program processes
+``tiles`` consecutive tiles, and the last program may overhang the array, in which case its
+loads and stores are masked. Inside a tile the elements are reshaped to ``(rows, blocksize)``
+so that a block's absmax is a row reduction.
 
 Bit-exactness with ``reference.py`` needs IEEE float32 arithmetic where Triton would otherwise
 approximate or fuse: :func:`reciprocal` and :func:`mul_rn` use PTX ``rcp.rn`` / ``mul.rn`` on the
@@ -24,9 +25,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["KernelConfig", "Program", "Tile", "launch", "compiler_params", "reciprocal", "mul_rn", "rounded", "row_absmax",
-           "load_tile", "store_tile", "silence_triton_deprecation", "is_power_of_two",
-           "INDEX_LIMIT"]
+__all__ = ["KernelConfig", "Program", "Tile", "launch", "compiler_params", "reciprocal",
+           "mul_rn", "rounded", "row_absmax", "load_tile", "store_tile",
+           "silence_triton_deprecation", "is_power_of_two", "INDEX_LIMIT"]
 
 # Element offsets are int32 inside the kernels.
 INDEX_LIMIT = 2**31 - 2**20
@@ -186,8 +187,8 @@ def row_absmax(x: jax.Array) -> jax.Array:
   """``max |x|`` over the last axis of float32 ``x (rows, bs)`` → ``(rows,)``, NaN-propagating.
 
   Computed on the bit patterns: for non-negative floats the int32 order is the float order and
-  every NaN sorts above +inf, so a NaN anywhere gives a NaN absmax as ``jnp.max`` does (the
-  Triton lowering of a float max would drop NaNs).
+  every NaN sorts above +inf, so a NaN anywhere gives a NaN absmax, as in ``reference.py``
+  (the Triton lowering of a float max drops NaNs).
   """
   bits = jax.lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(0x7FFFFFFF)
   return jax.lax.bitcast_convert_type(jnp.max(bits, axis=1), jnp.float32)

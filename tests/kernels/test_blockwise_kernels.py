@@ -168,7 +168,8 @@ def test_table_encoder_equals_thresholds(quant_type):
   neighbourhood of [-1.01, 1.01] (pure jnp; the kernels use the same function)."""
   thresholds = np.array(getattr(reference, f"{quant_type.upper()}_THRESHOLDS"), np.float32)
   near = np.concatenate([thresholds, -thresholds])
-  near = np.concatenate([near, np.nextafter(near, np.float32(2)), np.nextafter(near, np.float32(-2))])
+  near = np.concatenate([near, np.nextafter(near, np.float32(2)),
+                         np.nextafter(near, np.float32(-2))])
   edges = (np.arange(-17, 18, dtype=np.float32) + np.float32(0.5)) / np.float32(16)
   grid = np.linspace(-1.01, 1.01, 200_001, dtype=np.float32)
   s = jnp.asarray(np.concatenate([grid, near, edges, np.nextafter(edges, np.float32(2)),
