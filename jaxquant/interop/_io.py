@@ -21,10 +21,20 @@ TRANSFORMERS_METADATA = {"format": "pt"}
 Placement = jax.Device | jax.sharding.Sharding | None
 
 
-def placer(device: Placement) -> Callable[[np.ndarray], jax.Array]:
-  if device is None:
-    return jnp.asarray
-  return lambda a: jax.device_put(a, device)
+def placer(device: Placement, *, copy: bool = False) -> Callable[[np.ndarray], Any]:
+  """``numpy -> jax.Array`` on ``device`` (default: the default device).
+
+  Without ``copy`` (buffers this module read itself), a 64-byte-aligned buffer on the CPU
+  backend becomes the array without a copy; ``copy`` for the caller's arrays, which may be
+  mutated later. 64-bit tensors stay numpy while ``jax_enable_x64`` is off (JAX would narrow
+  them).
+  """
+  def put(a: np.ndarray) -> Any:
+    if (np.dtype(a.dtype).kind in "iuf" and np.dtype(a.dtype).itemsize == 8
+        and not jax.config.read("jax_enable_x64")):
+      return np.array(a) if copy else a
+    return jax.device_put(np.array(a) if copy else a, device)
+  return put
 
 
 def iter_groups(src: _safetensors.TensorSource, read: Callable[[str], np.ndarray],
@@ -110,7 +120,7 @@ def from_state_dict(tensors: Mapping[str, np.ndarray], *, int8_dtype: Any = jnp.
   """:func:`load` for tensors already in memory (numpy arrays keyed as bitsandbytes does)."""
   def read(key: str) -> np.ndarray:
     return np.asarray(tensors[key])
-  put = placer(device)
+  put = placer(device, copy=True)
   out = {}
   for g in _bnb.group_keys(list(tensors)):
     if g.kind == "4bit":

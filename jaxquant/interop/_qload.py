@@ -136,7 +136,7 @@ def _quantize_by_rows(name: str, src: _safetensors.TensorSource, shape: tuple[in
   for r in range(0, rows, step):
     a = src.read_rows(name, r, min(rows, r + step))
     _check_values(name, a, quant_type, first=r * cols)
-    parts.append(jax.block_until_ready(quantize(jnp.asarray(a))))
+    parts.append(jax.block_until_ready(quantize(jax.device_put(a))))
     del a
     release_host_memory()
   state = parts[0].replace(shape=(rows, cols),
@@ -201,7 +201,7 @@ def quantize_on_load(path: str | os.PathLike, *, quant_type: str = "nf4", blocks
     else:
       a = src.read(name)
       _check_values(name, a, quant_type)
-      state = jax.block_until_ready(quantize(jnp.asarray(a)))
+      state = jax.block_until_ready(quantize(jax.device_put(a)))
       del a
       state = _double_quantize(state, backend) if nested else state
     release_host_memory()

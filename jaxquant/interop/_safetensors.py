@@ -65,6 +65,7 @@ class TensorSource:
     else:
       self.weight_map = {k: path for k in self._open(path).keys()}
     self._handles: dict[str, Any] = {}
+    self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
 
   @staticmethod
   def _pick_in_dir(d: str) -> str:
@@ -102,16 +103,24 @@ class TensorSource:
 
   @staticmethod
   def _open(file: str):
+    """safetensors' validation of the header (offsets, sizes, dtypes); tensors are read by
+    :meth:`read` into aligned buffers, not through this handle's memory map."""
     try:
-      try:
-        # pread(2) into a fresh buffer per tensor: nothing of the file stays mapped into the
-        # process (the default mmap keeps every page read resident until the file is closed).
-        return safe_open(file, framework="np", backend="pread")
-      except TypeError:  # safetensors < 0.7 has no backend argument
-        return safe_open(file, framework="np")
+      return safe_open(file, framework="np")
     except (safetensors.SafetensorError, OSError, ValueError) as err:
       raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupted?): "
                        f"{err}") from None
+
+  def _header(self, file: str) -> tuple[int, dict[str, Any]]:
+    """(byte offset of the data section, parsed header) of a validated file."""
+    got = self._headers.get(file)
+    if got is None:
+      self._handle(file)  # validates first
+      with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        got = (8 + n, json.loads(f.read(n)))
+      self._headers[file] = got
+    return got
 
   def _handle(self, file: str):
     h = self._handles.get(file)
@@ -144,30 +153,35 @@ class TensorSource:
     return s.get_dtype(), tuple(int(d) for d in s.get_shape())
 
   def read(self, name: str) -> np.ndarray:
-    """The tensor as a numpy array (bfloat16 via ml_dtypes)."""
-    file = self.file_of(name)
-    h = self._handle(file)
-    try:
-      return h.get_tensor(name)
-    except (TypeError, KeyError, ValueError):
-      # Older safetensors releases cannot make numpy bfloat16/float8 arrays: read the bytes.
-      return _read_raw(file, name)
-    except safetensors.SafetensorError as err:
-      raise ValueError(f"tensor {name!r} of {file} cannot be read: {err}") from None
+    """The tensor as a numpy array (bfloat16 via ml_dtypes) in a fresh 64-byte-aligned buffer
+    (so ``jax.device_put`` on the CPU backend can use it without a copy)."""
+    return self._read(name, None)
 
   def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
     """Rows ``start:stop`` (first axis) of a tensor, reading only their bytes."""
+    return self._read(name, (start, stop))
+
+  def _read(self, name: str, rows: tuple[int, int] | None) -> np.ndarray:
     file = self.file_of(name)
-    st_dtype, shape = self.info(name)
-    if not shape or not 0 <= start <= stop <= shape[0]:
-      raise ValueError(f"tensor {name!r}: rows {start}:{stop} out of range for shape {shape}")
-    try:
-      return self._handle(file).get_slice(name)[start:stop]
-    except (TypeError, KeyError, ValueError):
-      # Older safetensors releases cannot make numpy bfloat16/float8 slices: read the bytes.
-      return _read_raw(file, name, rows=(start, stop))
-    except safetensors.SafetensorError as err:
-      raise ValueError(f"tensor {name!r} of {file} cannot be read: {err}") from None
+    data_start, header = self._header(file)
+    entry = header[name]
+    dtype = np_dtype(entry["dtype"])
+    shape = [int(d) for d in entry["shape"]]
+    begin, end = entry["data_offsets"]
+    if rows is not None:
+      if not shape or not 0 <= rows[0] <= rows[1] <= shape[0]:
+        raise ValueError(f"tensor {name!r}: rows {rows[0]}:{rows[1]} out of range for shape "
+                         f"{tuple(shape)}")
+      row_bytes = math.prod(shape[1:]) * dtype.itemsize
+      begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+      shape[0] = rows[1] - rows[0]
+    buf = aligned_empty(end - begin)
+    with open(file, "rb") as f:
+      f.seek(data_start + begin)
+      got = f.readinto(memoryview(buf))
+    if got != end - begin:
+      raise ValueError(f"tensor {name!r} of {file} is truncated: {got} of {end - begin} bytes")
+    return buf.view(dtype).reshape(shape)
 
   def metadata(self) -> dict[str, str] | None:
     """The ``__metadata__`` header of the (first) file, e.g. ``{"format": "pt"}``."""
@@ -184,24 +198,12 @@ class TensorSource:
     self.close()
 
 
-def _read_raw(file: str, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-  """A tensor (or rows ``start:stop`` of it) read straight from the file's bytes."""
-  with open(file, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n))
-    entry = header[name]
-    start, end = entry["data_offsets"]
-    dtype = np_dtype(entry["dtype"])
-    shape = list(entry["shape"])
-    if rows is not None:
-      row_bytes = math.prod(shape[1:]) * dtype.itemsize
-      start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
-      shape[0] = rows[1] - rows[0]
-    f.seek(8 + n + start)
-    buf = f.read(end - start)
-  if len(buf) != end - start:
-    raise ValueError(f"tensor {name!r} of {file} is truncated")
-  return np.frombuffer(buf, dtype=dtype).reshape(shape)
+def aligned_empty(nbytes: int, alignment: int = 64) -> np.ndarray:
+  """An uninitialized ``uint8`` buffer of ``nbytes`` whose address is a multiple of
+  ``alignment``."""
+  raw = np.empty(nbytes + alignment, np.uint8)
+  skip = (-raw.ctypes.data) % alignment
+  return raw[skip:skip + nbytes]
 
 
 def _st_dtype(name: str, a: np.ndarray) -> str:
