@@ -158,23 +158,31 @@ def test_quantized_weight_bytes_per_device_fall_as_one_over_fsdp(sharded):
   assert replicated <= len(weights) * (16 * 4 + 256 * 4 + 4 + 64)  # codebooks, offset
 
 
-def test_checkpoint_restores_onto_another_mesh_and_training_continues(sharded, batch,
+def test_checkpoint_restores_onto_another_mesh_and_training_continues(single, sharded, batch,
                                                                       tmp_path):
   trainer, state, _, _ = sharded
   path = tmp_path / "step3"
   ckpt.save(path, state)
   expect = jax.tree.map(np.asarray, state)
+  # (runs last: the step donates the module-scoped state)
   _, ref_loss = trainer.step(state, trainer.place_batch(batch))  # continue on (2, 4)
-  other = js.make_mesh(data=1, fsdp=8)
-  trainer8 = js.make_train_step(build(), tx(), loss_fn, other)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        expect, trainer8.state_shardings)
-  restored = ckpt.restore(path, target=target)
+
+  def target(shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        expect, shardings)
+
+  # onto 8-way FSDP: every array restored bit-exactly, split the new way
+  trainer8 = js.make_train_step(build(), tx(), loss_fn, js.make_mesh(data=1, fsdp=8))
+  restored = ckpt.restore(path, target=target(trainer8.state_shardings))
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(expect)):
     np.testing.assert_array_equal(np.asarray(a), b)
   q = restored.frozen["layers"][0]["q"]["base"]["kernel"].get_value()
   assert q.data.sharding.mesh.shape["fsdp"] == 8 and q.data.sharding.spec[0] == "fsdp"
-  _, loss = trainer8.step(restored, trainer8.place_batch(batch))
+  assert len({s.device for s in q.data.addressable_shards}) == 8
+  # onto one device, where training continues exactly as it would have on (2, 4)
+  trainer1 = single[0]
+  restored = ckpt.restore(path, target=target(trainer1.state_shardings))
+  _, loss = trainer1.step(restored, trainer1.place_batch(batch))
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
 
 
