@@ -58,12 +58,21 @@ class LM(nn.Module):
     return embed.attend(nn.LayerNorm(param_dtype=self.param_dtype)(h))
 
 
+# One jitted function per model (modules are hashable dataclasses): a new jax.jit wrapper
+# would trace and compile the same program again.
+@functools.cache
+def _jitted(model, what):
+  fns = {"init": model.init, "apply": model.apply,
+         "quantized": functools.partial(jqnn.quantized_apply, model)}
+  return jax.jit(fns[what])
+
+
 def _init(model, x, seed=0):
-  return jax.jit(model.init)(jax.random.key(seed), x)
+  return _jitted(model, "init")(jax.random.key(seed), x)
 
 
 def _apply(model):
-  return jax.jit(functools.partial(jqnn.quantized_apply, model))
+  return _jitted(model, "quantized")
 
 
 @pytest.mark.parametrize("layer,kw", [
@@ -123,7 +132,7 @@ def test_quantize_variables_of_unchanged_module(bits):
   model = LM(param_dtype=jnp.bfloat16)
   ids = tokens()
   variables = _init(model, ids)
-  ref = jax.jit(model.apply)(variables, ids).astype(jnp.float32)
+  ref = _jitted(model, "apply")(variables, ids).astype(jnp.float32)
   cfg = (jqnn.QuantConfig(load_in_4bit=True, quant_type="nf4", double_quant=True) if bits == 4
          else jqnn.QuantConfig(load_in_8bit=True))
   qvars, summary = jqnn.quantize_model(variables, cfg, return_summary=True)
@@ -139,7 +148,7 @@ def test_quantize_variables_of_unchanged_module(bits):
       "nf4" if bits == 4 else "int8", 8) + 0.01
   back = jqnn.dequantize_model(qvars)
   assert "quantized" not in back and back["params"]["embed"]["embedding"].dtype == jnp.bfloat16
-  assert rel_error(jax.jit(model.apply)(back, ids).astype(jnp.float32),
+  assert rel_error(_jitted(model, "apply")(back, ids).astype(jnp.float32),
                    logits.astype(jnp.float32)) < (0.02 if bits == 4 else chain_tol("int8", 8))
 
 
@@ -176,53 +185,64 @@ def test_qlora_finetune_linen_under_jit(tmp_path):
   assert losses[-1] < 0.8 * losses[0], losses
   tuned = {**frozen, "lora": lora}
 
-  # gradients over all variables: only the adapters (and float params) get one; a
-  # lora_mask'ed optimizer leaves everything but the adapters alone
-  params_and_lora = {"params": frozen["params"], "lora": lora}
-  grads = jax.grad(lambda t: jnp.sum(jqnn.quantized_apply(
-      model, {**frozen, **t}, ids).astype(jnp.float32)))(params_and_lora)
-  mask = jqnn.lora_mask(grads)
-  assert all(jax.tree.leaves(mask["lora"])) and not any(jax.tree.leaves(mask["params"]))
-  masked = optax.masked(optax.sgd(1.0), jqnn.lora_mask)
-  updates, _ = masked.update(grads, masked.init(params_and_lora), params_and_lora)
-  for u, g in zip(jax.tree.leaves(updates["params"]), jax.tree.leaves(grads["params"])):
-    np.testing.assert_array_equal(u, g)  # passed through, not an SGD step
-  with pytest.raises(TypeError):
-    jax.grad(lambda q: 0.0)(frozen["quantized"])  # integer codes are not differentiable
-
   # adapters alone to disk and back
   jqnn.save_lora(tmp_path / "lora", tuned)
   fresh = jqnn.add_lora(frozen, jqnn.LoraConfig(
       r=8, alpha=16, target_modules=["query", "value", "up", "down", "embed"]), rngs=5)
+  assert not _same_leaves(fresh["lora"], lora)
   loaded = jqnn.load_lora(tmp_path / "lora", fresh)
-  apply = _apply(model)
-  y_tuned = apply(tuned, ids)
-  np.testing.assert_array_equal(apply(loaded, ids), y_tuned)
+  assert _same_leaves(loaded["lora"], lora) and set(loaded) == set(tuned)
 
   # merge into re-quantized weights, or into float ones
+  y_tuned = _apply(model)(tuned, ids).astype(jnp.float32)
   merged = jqnn.merge_lora(tuned)
   assert "lora" not in merged
   assert isinstance(merged["quantized"]["block"]["query"]["kernel"], jqnn.LinenQuantWeight)
-  y_merged = apply(merged, ids).astype(jnp.float32)
-  assert rel_error(y_merged, y_tuned.astype(jnp.float32)) < chain_tol("nf4", 5)
+  y_merged = _apply(model)(merged, ids).astype(jnp.float32)
+  assert rel_error(y_merged, y_tuned) < chain_tol("nf4", 5)
   dense = jqnn.merge_lora(tuned, dequantize=True)
-  assert "kernel" in dense["params"]["block"]["query"] and "query" not in dense["quantized"].get(
-      "block", {})
-  y_dense = apply(dense, ids).astype(jnp.float32)
-  assert rel_error(y_dense, y_tuned.astype(jnp.float32)) < 0.02  # bfloat16 compute only
+  assert "query" not in dense["quantized"]["block"]
+  adapter = lora["block"]["query"]["adapter"]
+  state = frozen["quantized"]["block"]["query"]["kernel"].state
+  want = (jaxquant.dequantize_4bit(state, jnp.float32).T
+          + adapter.lora_a @ adapter.lora_b * adapter.scaling)
+  np.testing.assert_allclose(np.asarray(dense["params"]["block"]["query"]["kernel"], np.float32),
+                             want, rtol=1e-2, atol=1e-2)  # stored in bfloat16
 
 
-def test_linen_lora_dropout_needs_rng():
+def _same_leaves(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                  strict=True))
+
+
+def test_linen_lora_dropout_and_gradient_masks():
   model = MLP()
   x = inputs()
-  variables = jqnn.add_lora(_init(model, x), jqnn.LoraConfig(r=4, dropout=0.5,
-                                                             target_modules="all-linear"))
+  qvars = jqnn.quantize_model(_init(model, x), jqnn.QuantConfig(load_in_8bit=True))
+  variables = jqnn.add_lora(qvars, jqnn.LoraConfig(r=4, dropout=0.5,
+                                                   target_modules="all-linear"))
   lora = jax.tree.map(lambda a: a + 0.1, variables["lora"])
   variables = {**variables, "lora": lora}
-  a = jqnn.quantized_apply(model, variables, x)
-  np.testing.assert_array_equal(a, jqnn.quantized_apply(model, variables, x))
-  b = jqnn.quantized_apply(model, variables, x, rngs={"dropout": jax.random.key(1)})
+  apply = _apply(model)
+  a = apply(variables, x)
+  np.testing.assert_array_equal(a, apply(variables, x))
+  b = apply(variables, x, rngs={"dropout": jax.random.key(1)})
   assert float(jnp.abs(a - b).max()) > 0
+
+  # gradients over params and adapters together: lora_mask picks the adapters, and an
+  # optax.masked optimizer leaves everything else alone
+  trainable = {"params": variables["params"], "lora": lora}
+  grads = jax.jit(jax.grad(lambda t: jnp.sum(apply({**variables, **t}, x))))(trainable)
+  assert set(grads["params"]["up"]) == {"bias"}  # the quantized kernel gets none
+  mask = jqnn.lora_mask(grads)
+  assert all(jax.tree.leaves(mask["lora"])) and not any(jax.tree.leaves(mask["params"]))
+  masked = optax.masked(optax.sgd(1.0), jqnn.lora_mask)
+  updates, _ = masked.update(grads, masked.init(trainable), trainable)
+  for u, g in zip(jax.tree.leaves(updates["params"]), jax.tree.leaves(grads["params"])):
+    np.testing.assert_array_equal(u, g)  # passed through, never an SGD step
+  assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates["lora"]))
+  with pytest.raises(TypeError):
+    jax.grad(lambda q: 0.0)(variables["quantized"])  # integer codes are not differentiable
 
 
 def test_linen_layers_take_lora_and_other_layers_are_refused():
