@@ -8,13 +8,13 @@ Writes a Llama-shaped bfloat16 checkpoint of a few hundred MB as sharded safeten
 * ``load_then_quantize`` (the baseline): read every tensor first (``bnb.load``), then quantize
   the linear weights.
 
-Memory is the process's resident set (``/proc/self/status``; on the CPU backend JAX arrays live
-in host memory, so it counts them): ``peak`` = high-water mark (``VmHWM``, reset through
-``/proc/self/clear_refs`` just before loading) minus the RSS before loading; ``held after`` =
-RSS after loading minus the same (the result); ``transient`` = peak - held after. The main
-figures come from a second load in the same process (``warm``: the first one compiled the
-quantizers and initialized the runtime, which the process keeps, ~130 MB independent of the
-checkpoint); ``cold peak`` is the first load of a fresh process, compilation included.
+Each load runs in a fresh process. Memory is its resident set (``/proc/self/status``; on the
+CPU backend JAX arrays live in host memory, so it counts them): ``peak`` = the high-water mark
+(``VmHWM``, reset through ``/proc/self/clear_refs`` just before loading) minus the RSS before
+loading; ``kept after free`` = what the process still holds once the result is deleted (the
+compiled quantizers and the runtime's state, ~130 MB, independent of the checkpoint's size);
+``data peak`` = peak - kept after free: what the checkpoint's tensors needed at the worst
+moment, to compare with the quantized result plus one tensor.
 
 Usage::
 
@@ -112,50 +112,49 @@ def _nbytes(tree: dict[str, Any]) -> int:
   return sum(v.nbytes if isinstance(v, jq.QuantState) else int(v.nbytes) for v in tree.values())
 
 
-def child(mode: str, directory: str, warm: bool) -> dict[str, Any]:
-  """Runs in a fresh process: one loading strategy. ``warm``: measure a second load, after a
-  first one compiled the quantizers and initialized the runtime (those stay in the process:
-  about 130 MB on the CPU backend, independent of the checkpoint); else the first load."""
+def child(mode: str, directory: str) -> dict[str, Any]:
+  """Runs in a fresh process: one load with one strategy, and what it leaves behind."""
+  import gc
+
   import jax
   import jaxquant as jq
   from jaxquant.interop import bnb
 
-  kwargs = dict(quant_type="nf4", blocksize=64, compress_statistics=True)
-
   def load() -> dict[str, Any]:
     if mode == "quantize_on_load":
-      return bnb.quantize_on_load(directory, progress=False, **kwargs)
+      return bnb.quantize_on_load(directory, quant_type="nf4", blocksize=64,
+                                  compress_statistics=True, progress=False)
     out = bnb.load(directory, progress=False)  # everything in memory, then quantize
     for k in list(out):
       if bnb.default_should_quantize(k, tuple(out[k].shape), out[k].dtype):
         out[k] = jq.quantize_4bit(out[k], 64, True, "nf4")
     return out
 
-  def measure() -> dict[str, Any]:
-    bnb.release_host_memory()
-    base = _status("VmRSS")
-    _reset_peak()
-    start = time.perf_counter()
-    out = jax.block_until_ready(load())
-    seconds = time.perf_counter() - start
-    peak, held = _status("VmHWM") - base, _status("VmRSS") - base
-    return {"seconds": round(seconds, 2), "peak_above_start_mb": round(peak / MB, 1),
-            "held_after_mb": round(held / MB, 1),
-            "transient_mb": round((peak - held) / MB, 1), "result_mb": round(_nbytes(out) / MB, 1),
-            "quantized_tensors": sum(isinstance(v, jq.QuantState) for v in out.values())}
+  bnb.release_host_memory()
+  base = _status("VmRSS")
+  _reset_peak()
+  start = time.perf_counter()
+  out = jax.block_until_ready(load())
+  seconds = time.perf_counter() - start
+  peak, held = _status("VmHWM") - base, _status("VmRSS") - base
+  result = _nbytes(out)
+  n_quantized = sum(isinstance(v, jq.QuantState) for v in out.values())
+  del out
+  gc.collect()
+  bnb.release_host_memory()
+  kept = _status("VmRSS") - base  # compiled quantizers, runtime state: not the checkpoint's
+  return {"mode": mode, "seconds": round(seconds, 2), "rss_before_mb": round(base / MB, 1),
+          "peak_above_start_mb": round(peak / MB, 1), "held_after_mb": round(held / MB, 1),
+          "kept_after_free_mb": round(kept / MB, 1),
+          "data_peak_mb": round((peak - kept) / MB, 1), "result_mb": round(result / MB, 1),
+          "quantized_tensors": n_quantized}
 
-  cold = measure()  # compiles the quantizer, initializes the runtime (kept by the process)
-  if not warm:
-    return {"mode": mode, **cold}
-  return {"mode": mode, **measure()}  # the same load again: what the data needs
 
-
-def _run_child(mode: str, directory: str, warm: bool) -> dict[str, Any]:
+def _run_child(mode: str, directory: str) -> dict[str, Any]:
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  proc = subprocess.run([sys.executable, __file__, "--child", mode, directory,
-                         "warm" if warm else "cold"], env=env, capture_output=True, text=True,
-                        check=True)
+  proc = subprocess.run([sys.executable, __file__, "--child", mode, directory], env=env,
+                        capture_output=True, text=True, check=True)
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -169,20 +168,16 @@ def main() -> None:
   ap.add_argument("--shard-mb", type=int, default=100)
   ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                 "quantize_on_load.json"))
-  ap.add_argument("--child", nargs=3, metavar=("MODE", "DIR", "WARM"), help=argparse.SUPPRESS)
+  ap.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.child:
-    mode, directory, warm = args.child
-    print(json.dumps(child(mode, directory, warm == "warm")))
+    print(json.dumps(child(*args.child)))
     return
   shapes = llama_shapes(args.layers, args.hidden, args.intermediate, args.vocab, args.kv_hidden)
   with tempfile.TemporaryDirectory(prefix="jaxquant-qol-") as d:
     total = write_checkpoint(d, shapes, args.shard_mb * MB)
     n_files = len([f for f in os.listdir(d) if f.endswith(".safetensors")])
-    runs, cold = [], {}
-    for mode in ("quantize_on_load", "load_then_quantize"):
-      runs.append(_run_child(mode, d, warm=True))
-      cold[mode] = _run_child(mode, d, warm=False)
+    runs = [_run_child(mode, d) for mode in ("quantize_on_load", "load_then_quantize")]
   import jax
   largest = max(int(np.prod(s)) * 2 for s in shapes.values())
   result = {
@@ -197,31 +192,26 @@ def main() -> None:
       "env": {"jax": jax.__version__, "backend": "cpu", "cpu_count": os.cpu_count(),
               "date": time.strftime("%Y-%m-%d")},
   }
-  result["cold_runs"] = [cold[r["mode"]] for r in runs]
   qol, base = runs
   ckpt = result["checkpoint"]
   print(f"checkpoint: {ckpt['size_mb']} MB bf16 in {n_files} shards, largest tensor "
         f"{ckpt['largest_tensor_mb']} MB; quantized result {qol['result_mb']} MB")
-  print(f"{'mode':<20} {'peak':>10} {'held after':>11} {'transient':>10} {'cold peak':>10} "
-        f"{'time':>6}")
+  print(f"{'mode':<20} {'peak':>10} {'kept after free':>16} {'data peak':>10} {'time':>6}")
   for r in runs:
-    print(f"{r['mode']:<20} {r['peak_above_start_mb']:>7.1f} MB {r['held_after_mb']:>8.1f} MB "
-          f"{r['transient_mb']:>7.1f} MB {cold[r['mode']]['peak_above_start_mb']:>7.1f} MB "
-          f"{r['seconds']:>5.1f}s")
+    print(f"{r['mode']:<20} {r['peak_above_start_mb']:>7.1f} MB {r['kept_after_free_mb']:>13.1f} MB "
+          f"{r['data_peak_mb']:>7.1f} MB {r['seconds']:>5.1f}s")
   bound = qol["result_mb"] + ckpt["largest_tensor_mb"]
   result["summary"] = {
       "peak_mb": qol["peak_above_start_mb"],
+      "data_peak_mb": qol["data_peak_mb"],
       "quantized_result_mb": qol["result_mb"],
       "largest_tensor_mb": ckpt["largest_tensor_mb"],
-      "peak_over_result_plus_largest": round(qol["peak_above_start_mb"] / bound, 2),
-      "transient_mb": qol["transient_mb"],
-      "cold_peak_mb": cold["quantize_on_load"]["peak_above_start_mb"],
+      "data_peak_over_result_plus_largest": round(qol["data_peak_mb"] / bound, 2),
       "baseline_peak_mb": base["peak_above_start_mb"],
-      "baseline_transient_mb": base["transient_mb"],
-      "baseline_cold_peak_mb": cold["load_then_quantize"]["peak_above_start_mb"],
+      "baseline_data_peak_mb": base["data_peak_mb"],
   }
-  print(f"quantize_on_load peak / (result + largest tensor) = "
-        f"{result['summary']['peak_over_result_plus_largest']:.2f}")
+  print(f"quantize_on_load data peak / (result + largest tensor) = "
+        f"{result['summary']['data_peak_over_result_plus_largest']:.2f}")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
