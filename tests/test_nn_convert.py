@@ -181,6 +181,12 @@ def test_bad_configs():
     jqnn.QuantConfig(load_in_4bit=True, compute_dtype=jnp.int8)
   with pytest.raises(ValueError, match="llm_int8_threshold"):
     jqnn.QuantConfig(load_in_8bit=True, llm_int8_threshold=-1)
+  with pytest.raises(ValueError, match=r"quant_type='nf4', blocksize=128 apply to load_in_4bit"):
+    jqnn.QuantConfig(load_in_8bit=True, quant_type="nf4", blocksize=128)
+  with pytest.raises(ValueError, match="llm_int8_threshold=3.0 applies to load_in_8bit"):
+    jqnn.QuantConfig(load_in_4bit=True, llm_int8_threshold=3.0)
+  cfg = jqnn.QuantConfig(load_in_8bit=True)
+  assert cfg.llm_int8_threshold == 6.0 and cfg.quant_type is None
   model = nnx.eval_shape(lambda: MLP(d=96, rngs=nnx.Rngs(0)))  # validation needs no values
   with pytest.raises(ValueError, match=r"blocksize=64 does not divide in_features=96 of layer "
                                        r"'up'.*use blocksize in \(32,\)"):

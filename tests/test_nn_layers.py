@@ -73,6 +73,14 @@ def test_output_dtype_follows_nnx_rules(dtype, param_dtype, compute_dtype):
     assert layer(x).dtype == ref(x).dtype
 
 
+def test_preferred_element_type():
+  for use_bias in (True, False):
+    ref = nnx.Linear(128, 256, use_bias=use_bias, preferred_element_type=jnp.bfloat16,
+                     rngs=nnx.Rngs(0))
+    layer = jqnn.Linear4bit.from_linear(ref)
+    assert layer(_x((4, 128))).dtype == ref(_x((4, 128))).dtype
+
+
 def test_quantized_weight_is_frozen():
   """The QuantState is not a Param: no gradient, not in nnx.state(model, nnx.Param)."""
   layer = jqnn.Linear4bit(128, 256, rngs=nnx.Rngs(0))
@@ -136,3 +144,8 @@ def test_bad_layer_arguments():
     jqnn.Linear8bitLt(64, 8, threshold=-1.0, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="blocksize=128 does not divide features=64"):
     jqnn.Embedding4bit(10, 64, blocksize=128, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="dot_general must be left at its default"):
+    jqnn.Linear8bitLt(64, 8, dot_general=lambda *a, **k: None, rngs=nnx.Rngs(0))
+  # the defaults nnx.Linear passes are accepted, so its constructor arguments carry over
+  jax.eval_shape(lambda: jqnn.Linear4bit(64, 8, dot_general=jax.lax.dot_general,
+                                         rngs=nnx.Rngs(0)))

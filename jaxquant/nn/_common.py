@@ -15,8 +15,9 @@ from jaxquant import functional as F
 from jaxquant.quant_state import FOUR_BIT_TYPES, QuantState
 
 __all__ = [
-    "output_dtype", "check_4bit_layer", "quantize_kernel_4bit", "quantize_kernel_8bit",
-    "linear_4bit", "linear_8bit", "embed_lookup", "embed_attend", "dequantize_kernel",
+    "output_dtype", "check_dropin_args", "check_4bit_layer", "quantize_kernel_4bit",
+    "quantize_kernel_8bit", "linear_4bit", "linear_8bit", "embed_lookup", "embed_attend",
+    "dequantize_kernel",
     "dequantize_table", "quantize_table", "constrain", "check_finite", "requantize_like",
     "merged_weight",
 ]
@@ -33,6 +34,20 @@ def output_dtype(x_dtype: DTypeLike, param_dtype: DTypeLike, dtype: DTypeLike | 
   if not jnp.issubdtype(dt, jnp.inexact):
     dt = jnp.promote_types(jnp.float32, dt)
   return jnp.dtype(dt)
+
+
+def check_dropin_args(layer: str, **hooks: Any) -> None:
+  """Accept the computation hooks of the Flax layer being replaced (``dot_general``,
+  ``promote_dtype``, ``dot_general_cls``) at their defaults only: a quantized layer computes
+  through jaxquant's matmuls and could not honour a custom one."""
+  from flax.nnx.nn import dtypes as nnx_dtypes
+  from flax.linen import dtypes as linen_dtypes
+  defaults = (None, jax.lax.dot_general, nnx_dtypes.promote_dtype, linen_dtypes.promote_dtype)
+  for name, value in hooks.items():
+    if not any(value is d for d in defaults):
+      raise ValueError(f"{layer} computes through jaxquant's quantized matmul; {name} must be "
+                       f"left at its default (a custom {name} cannot apply to a quantized "
+                       f"weight), got {value!r}")
 
 
 def check_4bit_layer(layer: str, in_features: int, *, quant_type: str, blocksize: int,
@@ -138,7 +153,8 @@ def merged_weight(w: Any, a: jax.Array, b: jax.Array, *, scaling: float, dtype: 
                   kernel: bool) -> jax.Array:
   """``W + a @ b * scaling`` in ``dtype``, summed in float32. ``w`` is a float array (a Flax
   kernel ``(in, out)`` or a table ``(num, features)``) or a QuantState, dequantized (and
-  transposed to ``(in, out)`` when ``kernel``); ``a`` ``(in|num, r)``, ``b`` ``(r, out|features)``."""
+  transposed to ``(in, out)`` when ``kernel``); ``a`` ``(in|num, r)``,
+  ``b`` ``(r, out|features)``."""
   if isinstance(w, QuantState):
     w = dequantize_table(w, jnp.float32)
     w = w.T if kernel else w

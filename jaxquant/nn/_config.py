@@ -10,6 +10,7 @@ layer when it equals the full path, equals a trailing run of its components
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Iterable
 
@@ -74,34 +75,37 @@ class QuantConfig:
   """What :func:`jaxquant.nn.quantize_model` converts, and how (transformers'
   ``BitsAndBytesConfig`` for Flax).
 
-  Exactly one of ``load_in_4bit`` / ``load_in_8bit`` must be set. Defaults follow
-  transformers (``fp4``, no double quantization, blocksize 64, outlier threshold 6.0);
-  QLoRA's recipe is ``QuantConfig(load_in_4bit=True, quant_type="nf4", double_quant=True,
-  compute_dtype=jnp.bfloat16)``.
+  Exactly one of ``load_in_4bit`` / ``load_in_8bit`` must be set. The 4-bit options
+  (``quant_type``, ``double_quant``, ``blocksize``) may only be given with ``load_in_4bit``,
+  ``llm_int8_threshold`` only with ``load_in_8bit``; what is not given takes transformers'
+  default (``fp4``, no double quantization, blocksize 64, threshold 6.0), what does not apply
+  stays ``None``. QLoRA's recipe is ``QuantConfig(load_in_4bit=True, quant_type="nf4",
+  double_quant=True, compute_dtype=jnp.bfloat16)``.
 
   Attributes:
-    load_in_4bit: replace Linear/Dense with ``Linear4bit``/``Dense4bit`` (and Embed with
-      ``Embedding4bit``/``Embed4bit``).
+    load_in_4bit: replace Linear/Dense with ``Linear4bit``/``Dense4bit`` semantics (and
+      Embed with ``Embedding4bit``/``Embed4bit``).
     load_in_8bit: replace them with LLM.int8() ``Linear8bitLt``/``Dense8bitLt`` (and
       ``Embedding8bit``/``Embed8bit``).
     quant_type: 4-bit data type, ``"nf4"`` or ``"fp4"``.
     double_quant: quantize the 4-bit absmax again to 8 bits (~0.37 bit/param saved).
-    blocksize: 4-bit elements per absmax; must divide every converted layer's input
-      features (``in_features`` / embedding ``features``).
+    blocksize: 4-bit elements per absmax (32 ... 4096); must divide every converted layer's
+      input features (``in_features`` / embedding ``features``).
     compute_dtype: dtype of the matmul (``None``: what the replaced layer would compute in).
-    llm_int8_threshold: LLM.int8() outlier threshold for 8-bit layers (``0`` disables the
-      16-bit outlier path).
-    skip_modules: names or patterns of modules left in floating point (e.g. ``("lm_head",)``).
-    quantize_embeddings: also convert Embed layers (the tied head with them).
+    llm_int8_threshold: LLM.int8() outlier threshold (``0`` disables the 16-bit outlier
+      path).
+    skip_modules: names or patterns (see the module doc) of layers left in floating point,
+      e.g. ``("lm_head",)``. Entries that match nothing are reported in the summary.
+    quantize_embeddings: also convert Embed layers (and so the tied head with them).
   """
 
   load_in_4bit: bool = False
   load_in_8bit: bool = False
-  quant_type: str = "fp4"
-  double_quant: bool = False
-  blocksize: int = 64
+  quant_type: str | None = None
+  double_quant: bool | None = None
+  blocksize: int | None = None
   compute_dtype: Any = None
-  llm_int8_threshold: float = 6.0
+  llm_int8_threshold: float | None = None
   skip_modules: tuple[str, ...] = ()
   quantize_embeddings: bool = True
 
@@ -114,19 +118,36 @@ class QuantConfig:
     if not (self.load_in_4bit or self.load_in_8bit):
       raise ValueError("load_in_4bit and load_in_8bit are both False; accepted: exactly one of "
                        "them True")
-    _validate.check_choice("quant_type", self.quant_type, FOUR_BIT_TYPES)
-    _check_bool("double_quant", self.double_quant)
+    set_ = functools.partial(object.__setattr__, self)
+    if self.load_in_4bit:
+      if self.llm_int8_threshold is not None:
+        raise ValueError(f"llm_int8_threshold={self.llm_int8_threshold!r} applies to "
+                         "load_in_8bit only; leave it unset with load_in_4bit=True")
+      set_("quant_type", "fp4" if self.quant_type is None else self.quant_type)
+      _validate.check_choice("quant_type", self.quant_type, FOUR_BIT_TYPES)
+      set_("double_quant", False if self.double_quant is None else self.double_quant)
+      _check_bool("double_quant", self.double_quant)
+      b = 64 if self.blocksize is None else self.blocksize
+      if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
+        raise TypeError(f"blocksize must be an int, got {b!r}")
+      _validate.check_choice("blocksize", int(b), _validate.BLOCKSIZES_4BIT)
+      set_("blocksize", int(b))
+    else:
+      given = {k: getattr(self, k) for k in ("quant_type", "double_quant", "blocksize")
+               if getattr(self, k) is not None}
+      if given:
+        verb = "apply" if len(given) > 1 else "applies"
+        raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in given.items())} {verb} to "
+                         "load_in_4bit only; LLM.int8() (load_in_8bit=True) quantizes each "
+                         "output row with its own scale")
+      t = 6.0 if self.llm_int8_threshold is None else self.llm_int8_threshold
+      if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
+        raise ValueError(f"llm_int8_threshold must be a float >= 0 (0 disables outliers), "
+                         f"got {t!r}")
+      set_("llm_int8_threshold", float(t))
     _check_bool("quantize_embeddings", self.quantize_embeddings)
-    if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, (int, np.integer)):
-      raise TypeError(f"blocksize must be an int, got {self.blocksize!r}")
-    _validate.check_choice("blocksize", int(self.blocksize), _validate.BLOCKSIZES_4BIT)
-    object.__setattr__(self, "blocksize", int(self.blocksize))
-    object.__setattr__(self, "compute_dtype", _dtype_or_none("compute_dtype", self.compute_dtype))
-    t = self.llm_int8_threshold
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
-      raise ValueError(f"llm_int8_threshold must be a float >= 0 (0 disables outliers), got {t!r}")
-    object.__setattr__(self, "llm_int8_threshold", float(t))
-    object.__setattr__(self, "skip_modules", _names_tuple("skip_modules", self.skip_modules))
+    set_("compute_dtype", _dtype_or_none("compute_dtype", self.compute_dtype))
+    set_("skip_modules", _names_tuple("skip_modules", self.skip_modules))
 
   @property
   def bits(self) -> int:

@@ -78,7 +78,8 @@ class Embedding4bit(_QuantEmbed):
 
   Args:
     num_embeddings, features, dtype, param_dtype, embedding_init, rngs, embedding_metadata:
-      as ``nnx.Embed`` (``dtype`` defaults to ``param_dtype``).
+      as ``nnx.Embed`` (``dtype`` defaults to ``param_dtype``); ``promote_dtype`` only at its
+      default.
     quant_type: ``"fp4"`` (bitsandbytes' default) or ``"nf4"``.
     blocksize: elements per absmax; must divide ``features`` (rows are gathered whole).
     double_quant: quantize the absmax again (off by default, as bitsandbytes).
@@ -89,9 +90,10 @@ class Embedding4bit(_QuantEmbed):
 
   def __init__(self, num_embeddings: int, features: int, *, dtype: DTypeLike | None = None,
                param_dtype: DTypeLike = jnp.float32, embedding_init: Any = default_embed_init,
-               quant_type: str = "fp4", blocksize: int = 64, double_quant: bool = False,
-               rngs: nnx.Rngs,
+               promote_dtype: Any = None, quant_type: str = "fp4", blocksize: int = 64,
+               double_quant: bool = False, rngs: nnx.Rngs,
                embedding_metadata: Mapping[str, Any] = MappingProxyType({})):
+    _common.check_dropin_args("Embedding4bit", promote_dtype=promote_dtype)
     _common.check_4bit_layer("features", features, quant_type=quant_type, blocksize=blocksize)
     self._init_common(num_embeddings, features, dtype, param_dtype)
     self.quant_type = quant_type
@@ -148,8 +150,9 @@ class Embedding8bit(_QuantEmbed):
 
   def __init__(self, num_embeddings: int, features: int, *, dtype: DTypeLike | None = None,
                param_dtype: DTypeLike = jnp.float32, embedding_init: Any = default_embed_init,
-               threshold: float = 0.0, rngs: nnx.Rngs,
+               promote_dtype: Any = None, threshold: float = 0.0, rngs: nnx.Rngs,
                embedding_metadata: Mapping[str, Any] = MappingProxyType({})):
+    _common.check_dropin_args("Embedding8bit", promote_dtype=promote_dtype)
     self._init_common(num_embeddings, features, dtype, param_dtype)
     self.threshold = _check_threshold(threshold)
     table = embedding_init(rngs.params(), (num_embeddings, features), self.param_dtype)

@@ -45,7 +45,7 @@ class _QuantLinear(nnx.Module):
   out_features: int
 
   def _init_common(self, in_features, out_features, use_bias, dtype, param_dtype, precision,
-                   compute_dtype):
+                   compute_dtype, preferred_element_type):
     self.in_features = int(in_features)
     self.out_features = int(out_features)
     self.use_bias = bool(use_bias)
@@ -54,6 +54,8 @@ class _QuantLinear(nnx.Module):
     self.precision = precision
     self.compute_dtype = (None if compute_dtype is None
                           else _validate.check_dtype_arg("compute_dtype", compute_dtype))
+    self.preferred_element_type = (None if preferred_element_type is None
+                                   else jnp.dtype(preferred_element_type))
 
   @property
   def quant_state(self) -> QuantState:
@@ -64,7 +66,13 @@ class _QuantLinear(nnx.Module):
     return None if self.bias is None else self.bias[...]
 
   def _out_dtype(self, x: jax.Array) -> Any:
-    return _common.output_dtype(x.dtype, self.param_dtype, self.dtype)
+    dt = _common.output_dtype(x.dtype, self.param_dtype, self.dtype)
+    if self.preferred_element_type is None:
+      return dt
+    # as nnx.Linear: the product comes out in preferred_element_type, the bias (in the
+    # promoted dtype) is added to it
+    pref = self.preferred_element_type
+    return jnp.promote_types(pref, dt) if self.use_bias else pref
 
   def _set_state(self, state: QuantState, bias: jax.Array | None) -> None:
     if tuple(state.shape) != (self.out_features, self.in_features):
@@ -104,10 +112,13 @@ class Linear4bit(_QuantLinear):
 
   Args:
     in_features, out_features, use_bias, dtype, param_dtype, precision, kernel_init,
-      bias_init, rngs, kernel_metadata, bias_metadata: as ``nnx.Linear``. ``dtype`` is the
-      output dtype (``None``: promoted from input and ``param_dtype``); ``param_dtype`` is the
-      dtype the weight is drawn in and dequantizes to. ``precision`` is accepted for
-      compatibility: the quantized matmul accumulates in float32.
+      bias_init, preferred_element_type, rngs, kernel_metadata, bias_metadata: as
+      ``nnx.Linear``. ``dtype`` is the output dtype (``None``: promoted from input and
+      ``param_dtype``; ``preferred_element_type`` overrides it); ``param_dtype`` is the dtype
+      the weight is drawn in and dequantizes to. ``precision`` is accepted for compatibility:
+      the quantized matmul accumulates in float32.
+    dot_general, promote_dtype: accepted at their defaults only (a custom one cannot apply
+      to a quantized weight: ValueError).
     quant_type: ``"fp4"`` (bitsandbytes' default) or ``"nf4"``.
     blocksize: elements per absmax (32 ... 4096); must divide ``in_features``.
     double_quant: quantize the absmax again (bitsandbytes' ``compress_statistics``, on by
@@ -132,15 +143,17 @@ class Linear4bit(_QuantLinear):
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                dtype: DTypeLike | None = None, param_dtype: DTypeLike = jnp.float32,
                precision: Any = None, kernel_init: Any = default_kernel_init,
-               bias_init: Any = default_bias_init, quant_type: str = "fp4",
-               blocksize: int = 64, double_quant: bool = True,
+               bias_init: Any = default_bias_init, dot_general: Any = None,
+               promote_dtype: Any = None, preferred_element_type: DTypeLike | None = None,
+               quant_type: str = "fp4", blocksize: int = 64, double_quant: bool = True,
                compute_dtype: DTypeLike | None = None, rngs: nnx.Rngs,
                kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
                bias_metadata: Mapping[str, Any] = MappingProxyType({})):
+    _common.check_dropin_args("Linear4bit", dot_general=dot_general, promote_dtype=promote_dtype)
     _common.check_4bit_layer("in_features", in_features, quant_type=quant_type,
                              blocksize=blocksize)
     self._init_common(in_features, out_features, use_bias, dtype, param_dtype, precision,
-                      compute_dtype)
+                      compute_dtype, preferred_element_type)
     self.quant_type = quant_type
     self.blocksize = int(blocksize)
     self.double_quant = bool(double_quant)
@@ -167,8 +180,8 @@ class Linear4bit(_QuantLinear):
   @classmethod
   def from_quant_state(cls, state: QuantState, bias: jax.Array | None = None, *,
                        dtype: DTypeLike | None = None, param_dtype: DTypeLike | None = None,
-                       precision: Any = None,
-                       compute_dtype: DTypeLike | None = None) -> "Linear4bit":
+                       precision: Any = None, compute_dtype: DTypeLike | None = None,
+                       preferred_element_type: DTypeLike | None = None) -> "Linear4bit":
     """A layer around an existing 4-bit weight (e.g. loaded from a bitsandbytes checkpoint).
 
     Args:
@@ -189,7 +202,8 @@ class Linear4bit(_QuantLinear):
     layer = nnx.eval_shape(lambda: cls(
         in_f, out_f, use_bias=bias is not None, dtype=dtype, param_dtype=param_dtype,
         precision=precision, quant_type=state.quant_type, blocksize=state.blocksize,
-        double_quant=state.nested, compute_dtype=compute_dtype, rngs=nnx.Rngs(0)))
+        double_quant=state.nested, compute_dtype=compute_dtype,
+        preferred_element_type=preferred_element_type, rngs=nnx.Rngs(0)))
     layer._set_state(state, bias)
     return layer
 
@@ -204,7 +218,8 @@ class Linear4bit(_QuantLinear):
                                          blocksize=blocksize, double_quant=double_quant)
     bias = None if linear.bias is None else linear.bias[...]
     return cls.from_quant_state(state, bias, dtype=linear.dtype, param_dtype=linear.param_dtype,
-                                precision=linear.precision, compute_dtype=compute_dtype)
+                                precision=linear.precision, compute_dtype=compute_dtype,
+                                preferred_element_type=_preferred(linear))
 
 
 class Linear8bitLt(_QuantLinear):
@@ -229,12 +244,15 @@ class Linear8bitLt(_QuantLinear):
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                dtype: DTypeLike | None = None, param_dtype: DTypeLike = jnp.float32,
                precision: Any = None, kernel_init: Any = default_kernel_init,
-               bias_init: Any = default_bias_init, threshold: float = 0.0,
-               compute_dtype: DTypeLike | None = None, rngs: nnx.Rngs,
-               kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+               bias_init: Any = default_bias_init, dot_general: Any = None,
+               promote_dtype: Any = None, preferred_element_type: DTypeLike | None = None,
+               threshold: float = 0.0, compute_dtype: DTypeLike | None = None,
+               rngs: nnx.Rngs, kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
                bias_metadata: Mapping[str, Any] = MappingProxyType({})):
+    _common.check_dropin_args("Linear8bitLt", dot_general=dot_general,
+                              promote_dtype=promote_dtype)
     self._init_common(in_features, out_features, use_bias, dtype, param_dtype, precision,
-                      compute_dtype)
+                      compute_dtype, preferred_element_type)
     self.threshold = _check_threshold(threshold)
     kernel = kernel_init(rngs.params(), (in_features, out_features), self.param_dtype)
     self.kernel = QuantizedWeight(_common.quantize_kernel_8bit(kernel),
@@ -256,7 +274,8 @@ class Linear8bitLt(_QuantLinear):
   def from_quant_state(cls, state: QuantState, bias: jax.Array | None = None, *,
                        dtype: DTypeLike | None = None, param_dtype: DTypeLike | None = None,
                        precision: Any = None, threshold: float = 0.0,
-                       compute_dtype: DTypeLike | None = None) -> "Linear8bitLt":
+                       compute_dtype: DTypeLike | None = None,
+                       preferred_element_type: DTypeLike | None = None) -> "Linear8bitLt":
     """A layer around an existing ``int8_rowwise`` weight (bnb's ``CB``/``SCB``)."""
     if not isinstance(state, QuantState) or state.quant_type != "int8_rowwise":
       raise TypeError(f"state must be an int8_rowwise QuantState, got {state!r}")
@@ -266,7 +285,7 @@ class Linear8bitLt(_QuantLinear):
     layer = nnx.eval_shape(lambda: cls(
         in_f, out_f, use_bias=bias is not None, dtype=dtype, param_dtype=param_dtype,
         precision=precision, threshold=threshold, compute_dtype=compute_dtype,
-        rngs=nnx.Rngs(0)))
+        preferred_element_type=preferred_element_type, rngs=nnx.Rngs(0)))
     layer._set_state(state, bias)
     return layer
 
@@ -278,7 +297,12 @@ class Linear8bitLt(_QuantLinear):
     bias = None if linear.bias is None else linear.bias[...]
     return cls.from_quant_state(state, bias, dtype=linear.dtype, param_dtype=linear.param_dtype,
                                 precision=linear.precision, threshold=threshold,
-                                compute_dtype=compute_dtype)
+                                compute_dtype=compute_dtype,
+                                preferred_element_type=_preferred(linear))
+
+
+def _preferred(linear: nnx.Linear) -> Any:
+  return getattr(linear, "preferred_element_type", None)
 
 
 def _check_threshold(threshold: Any) -> float:

@@ -26,17 +26,12 @@ default_kernel_init = nn.initializers.lecun_normal()
 default_embed_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
 
 
-def _check_default(layer: str, name: str, value: Any) -> None:
-  if value is not None:
-    raise ValueError(f"{layer} computes through jaxquant's quantized matmul; {name} must be None "
-                     f"(a custom {name} cannot apply to a quantized weight), got {value!r}")
-
-
 class Dense4bit(nn.Module):
   """``nn.Dense`` with a frozen 4-bit (NF4/FP4) kernel: bitsandbytes' ``Linear4bit``.
 
   Fields as ``nn.Dense`` (``features``, ``use_bias``, ``dtype``, ``param_dtype``,
-  ``precision``, ``kernel_init``, ``bias_init``) plus the quantization settings. At ``init``
+  ``precision``, ``kernel_init``, ``bias_init``; ``promote_dtype``, ``dot_general``,
+  ``dot_general_cls`` only at their defaults) plus the quantization settings. At ``init``
   the kernel is drawn from ``kernel_init`` (the same draw as ``nn.Dense``), quantized, and
   only its QuantState is kept, in torch layout ``(features, in_features)``, as variable
   ``"kernel"`` of the ``"quantized"`` collection. The bias is a float param. The matmul is
@@ -59,7 +54,9 @@ class Dense4bit(nn.Module):
   precision: Any = None
   kernel_init: Any = default_kernel_init
   bias_init: Any = nn.initializers.zeros_init()
+  promote_dtype: Any = None
   dot_general: Any = None
+  dot_general_cls: Any = None
   quant_type: str = "fp4"
   blocksize: int = 64
   double_quant: bool = True
@@ -67,7 +64,9 @@ class Dense4bit(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    _check_default("Dense4bit", "dot_general", self.dot_general)
+    _common.check_dropin_args("Dense4bit", promote_dtype=self.promote_dtype,
+                              dot_general=self.dot_general,
+                              dot_general_cls=self.dot_general_cls)
     in_features = jnp.shape(inputs)[-1]
     _common.check_4bit_layer("in_features", in_features, quant_type=self.quant_type,
                              blocksize=self.blocksize)
@@ -107,13 +106,17 @@ class Dense8bitLt(nn.Module):
   precision: Any = None
   kernel_init: Any = default_kernel_init
   bias_init: Any = nn.initializers.zeros_init()
+  promote_dtype: Any = None
   dot_general: Any = None
+  dot_general_cls: Any = None
   threshold: float = 0.0
   compute_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    _check_default("Dense8bitLt", "dot_general", self.dot_general)
+    _common.check_dropin_args("Dense8bitLt", promote_dtype=self.promote_dtype,
+                              dot_general=self.dot_general,
+                              dot_general_cls=self.dot_general_cls)
     threshold = _check_threshold(self.threshold)
     in_features = jnp.shape(inputs)[-1]
 
@@ -152,7 +155,8 @@ class Embed4bit(_QuantEmbed):
   variable ``"embedding"`` of the ``"quantized"`` collection.
 
   Attributes:
-    num_embeddings, features, dtype, param_dtype, embedding_init: as ``nn.Embed``.
+    num_embeddings, features, dtype, param_dtype, embedding_init: as ``nn.Embed``
+      (``promote_dtype`` only at its default).
     quant_type: ``"fp4"`` or ``"nf4"``.
     blocksize: must divide ``features``.
     double_quant: quantize the absmax again (off by default, as bitsandbytes).
@@ -163,11 +167,13 @@ class Embed4bit(_QuantEmbed):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   embedding_init: Any = default_embed_init
+  promote_dtype: Any = None
   quant_type: str = "fp4"
   blocksize: int = 64
   double_quant: bool = False
 
   def setup(self):
+    _common.check_dropin_args("Embed4bit", promote_dtype=self.promote_dtype)
     _common.check_4bit_layer("features", self.features, quant_type=self.quant_type,
                              blocksize=self.blocksize)
 
@@ -193,9 +199,11 @@ class Embed8bit(_QuantEmbed):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   embedding_init: Any = default_embed_init
+  promote_dtype: Any = None
   threshold: float = 0.0
 
   def setup(self):
+    _common.check_dropin_args("Embed8bit", promote_dtype=self.promote_dtype)
     _check_threshold(self.threshold)
 
     def init() -> Any:
