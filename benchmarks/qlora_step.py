@@ -88,6 +88,31 @@ def make_train_step(graphdef, tx, *, batch_sharding=None):
   return step
 
 
+def _median_ms(fn, *args, n: int = 3) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def breakdown(graphdef, tx, lora, opt_state, rest, ids) -> dict:
+  """Where a step's time goes: the forward pass (loss) alone, the forward + backward
+  (gradients of the adapters) and the optimizer update alone, each compiled on its own."""
+  def loss_fn(lora, rest, ids):
+    return causal_lm_loss(nnx.merge(graphdef, lora, rest)(ids), ids)
+
+  fwd = jax.jit(loss_fn)
+  fwd_bwd = jax.jit(jax.value_and_grad(loss_fn))
+  grads = jax.tree.map(jnp.zeros_like, lora)
+  opt = jax.jit(lambda g, s, p: jqoptim.update_and_apply(tx, g, s, p))
+  return dict(forward_ms=_median_ms(fwd, lora, rest, ids),
+              forward_backward_ms=_median_ms(fwd_bwd, lora, rest, ids),
+              optimizer_ms=_median_ms(opt, grads, opt_state, lora))
+
+
 def _peak_bytes() -> int | None:
   stats = jax.devices()[0].memory_stats()
   return None if not stats else int(stats.get("peak_bytes_in_use", 0))
@@ -124,9 +149,14 @@ def run_mode(args) -> dict:
   med = statistics.median(times)
   peak = _peak_bytes()
   lora_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora))
+  tokens_per_s = args.batch * args.seq / med
+  missed = tokens_per_s < TARGET_TOKENS_PER_S or (peak or 0) > TARGET_PEAK_GB * 1e9
+  parts = None
+  if args.breakdown == "on" or (args.breakdown == "auto" and args.mode == "qlora" and missed):
+    parts = breakdown(graphdef, tx, lora, opt_state, rest, ids)
   return dict(
       mode=args.mode, median_step_ms=1e3 * med, min_step_ms=1e3 * min(times),
-      tokens_per_s=args.batch * args.seq / med,
+      tokens_per_s=tokens_per_s, breakdown=parts,
       peak_bytes=peak, peak_gb=None if peak is None else peak / 1e9,
       loss_first=first_loss, loss_last=float(loss), steps_timed=len(times),
       compile_s=compile_s, build_s=build_s, lora_params=lora_params,
@@ -142,7 +172,7 @@ def _child(args, mode: str) -> dict:
            "--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq),
            "--rank", str(args.rank), "--alpha", str(args.alpha), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--remat", args.remat, "--offload", args.offload,
-           "--devices", str(args.devices)]
+           "--devices", str(args.devices), "--breakdown", args.breakdown]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -164,6 +194,9 @@ def main(argv=None) -> None:
   p.add_argument("--offload", choices=("auto", "on", "off"), default="auto",
                  help="8-bit AdamW state in host memory (auto: on a GPU with pinned_host)")
   p.add_argument("--devices", type=int, default=1, help="data-parallel devices (mesh hook)")
+  p.add_argument("--breakdown", choices=("auto", "on", "off"), default="auto",
+                 help="also time forward / forward+backward / optimizer alone (auto: when the "
+                      "QLoRA mode misses a target)")
   p.add_argument("--out", default=str(RESULTS))
   p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -191,6 +224,8 @@ def main(argv=None) -> None:
     tgt = (f">= {TARGET_TOKENS_PER_S:,} tok/s, <= {TARGET_PEAK_GB} GB" if m == "qlora"
            else "(baseline, same run)")
     print(f"{m:<8} {r['median_step_ms']:>9.1f} {r['tokens_per_s']:>10,.0f} {peak:>8}  {tgt}")
+    if r.get("breakdown"):
+      print("         " + ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown"].items()))
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(record, indent=2) + "\n")

