@@ -138,18 +138,38 @@ def test_transformer_block_skip_modules_and_dtypes():
   assert y.dtype == jnp.float32 and rel_error(y, ref) < chain_tol("nf4", 3)
 
 
-def test_shared_layer_is_converted_once():
-  class Shared(nnx.Module):
+def test_containers_and_shared_layers():
+  """Layers inside nnx.Sequential / nnx.List / nnx.Dict / nnx.data lists are found and
+  replaced in their container; a layer referenced twice is converted once."""
+
+  class Stack(nnx.Module):
     def __init__(self, rngs):
-      self.a = nnx.Linear(128, 128, rngs=rngs)
-      self.b = self.a
+      lin = lambda: nnx.Linear(128, 128, rngs=rngs)
+      self.seq = nnx.Sequential(lin(), jax.nn.relu, lin())
+      self.layers = nnx.List([lin(), lin()])
+      self.plain = nnx.data([lin()])
+      self.named = nnx.Dict(a=lin())
+      self.tied = self.layers[0]
 
     def __call__(self, x):
-      return self.b(self.a(x))
+      for layer in (self.seq, *self.layers, self.plain[0], self.named["a"], self.tied):
+        x = layer(x)
+      return x
 
-  m = Shared(nnx.Rngs(0))
-  _, summary = jqnn.quantize_model(m, jqnn.QuantConfig(load_in_8bit=True), return_summary=True)
-  assert len(summary.layers) == 1 and m.a is m.b and isinstance(m.a, jqnn.Linear8bitLt)
+  model = Stack(nnx.Rngs(0))
+  x = inputs()
+  ref = forward(model, x)
+  _, summary = jqnn.quantize_model(model, jqnn.QuantConfig(load_in_8bit=True),
+                                   return_summary=True)
+  assert sorted(r.name for r in summary.layers) == [
+      "layers.0", "layers.1", "named.a", "plain.0", "seq.layers.0", "seq.layers.2"]
+  assert model.tied is model.layers[0] and isinstance(model.tied, jqnn.Linear8bitLt)
+  assert all(isinstance(m, jqnn.Linear8bitLt) for m in
+             (model.seq.layers[0], model.seq.layers[2], model.plain[0], model.named["a"]))
+  assert rel_error(forward(model, x), ref) < chain_tol("int8", 7)
+  jqnn.add_lora(model, jqnn.LoraConfig(r=2, target_modules=[r"seq\..*", "layers.1"]))
+  assert [n for n, _ in jqnn.lora_modules(model)] == ["layers.1", "seq.layers.0",
+                                                      "seq.layers.2"]
 
 
 def test_summary_progress_and_dequantize(capsys):

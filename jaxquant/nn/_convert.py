@@ -139,7 +139,12 @@ def quantize_model(model: Any, config: QuantConfig, *, progress: bool | None = N
 
   Linen: pass the variables (``{"params": ...}``, or the params alone). The kernels and
   tables of the ``Dense`` / ``Embed`` modules move to a ``"quantized"`` collection as
-  QuantStates; run the **unchanged** module with :func:`jaxquant.nn.quantized_apply`.
+  :class:`LinenQuantWeight` (a QuantState plus its matmul settings); run the **unchanged**
+  module with :func:`jaxquant.nn.quantized_apply`.
+
+  ``LinearGeneral`` / ``Einsum`` / ``Conv`` layers and stacked (scanned) kernels stay in
+  floating point and are listed in ``summary.skipped``. The summary (bytes before and after)
+  is also logged to the ``"jaxquant.nn"`` logger at INFO level.
 
   Args:
     model: an ``nnx.Module``, or Linen variables.
