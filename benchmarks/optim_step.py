@@ -132,7 +132,8 @@ def kernel_sweep(dim: int, configs) -> list[dict]:
   maps = (m.code, v.code)
   fam = families.FAMILIES["adam"]
   hp = np.zeros(families.HP_SIZE, np.float32)
-  for name, val in dict(lr=1e-3, wd=1e-4, gscale=1.0, b1=0.9, b2=0.999, omb1=0.1, omb2=1e-3, eps=1e-8,
+  for name, val in dict(lr=1e-3, wd=1e-4, gscale=1.0, b1=0.9, b2=0.999, omb1=0.1, omb2=1e-3,
+                        eps=1e-8,
                         c1=10.0, c2=1000.0, c1_next=5.0).items():
     hp[families.hparam_index(fam, name)] = val
   hp = jnp.asarray(hp)

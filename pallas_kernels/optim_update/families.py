@@ -12,7 +12,8 @@ so an Optax ``scale_by_*`` transform is ``lr = -1, wd = 0`` (``u = d``) and an a
 ``adamw`` folds its decoupled weight decay and learning rate into the same pass. Hyperparameters
 travel as one float32 vector (traced, so schedules and ``optax.inject_hyperparams`` do not
 recompile). ``omb1`` etc. hold ``1 - b1`` computed by the caller (in double precision for
-Python numbers, as Optax does, rather than from the float32 ``b1``); flags that change the program (``nesterov``, ``eps_in_sqrt``) are static.
+Python numbers, as Optax does, rather than from the float32 ``b1``); flags that change the
+program (``nesterov``, ``eps_in_sqrt``) are static.
 
 Formulas are Optax's (``scale_by_adam``, ``scale_by_lion``, ``trace``, ``scale_by_rms``,
 ``scale_by_rss``, ``contrib.scale_by_ademamix``), which equal bitsandbytes' kernels up to the

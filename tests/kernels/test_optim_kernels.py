@@ -24,16 +24,16 @@ SIGNED = jnp.asarray(codebooks.dynamic_map(True))
 UNSIGNED = jnp.asarray(codebooks.dynamic_map(False))
 
 # (family, flags, hyperparameters besides lr/wd/gscale)
+_ADAM = dict(b1=0.9, b2=0.999, omb1=0.1, omb2=0.001, eps=1e-8, eps_root=0.0,
+             c1=1 / (1 - 0.9**3), c2=1 / (1 - 0.999**3), c1_next=1 / (1 - 0.9**4))
 CASES = {
-    "adam": ((), dict(b1=0.9, b2=0.999, omb1=0.1, omb2=0.001, eps=1e-8, eps_root=0.0, c1=1 / (1 - 0.9**3),
-                      c2=1 / (1 - 0.999**3), c1_next=1 / (1 - 0.9**4))),
-    "adam_nesterov": ((("nesterov", True),), dict(b1=0.9, b2=0.999, omb1=0.1, omb2=0.001, eps=1e-8, eps_root=0.0,
-                                                   c1=1 / (1 - 0.9**3), c2=1 / (1 - 0.999**3),
-                                                   c1_next=1 / (1 - 0.9**4))),
+    "adam": ((), _ADAM),
+    "adam_nesterov": ((("nesterov", True),), _ADAM),
     "lion": ((), dict(b1=0.9, b2=0.99, omb1=0.1, omb2=0.01)),
     "momentum": ((("nesterov", True),), dict(beta=0.9)),
-    "ademamix": ((), dict(b1=0.9, b2=0.999, b3=0.9999, omb1=0.1, omb2=0.001, omb3=1e-4, alpha=5.0, eps=1e-8, eps_root=0.0,
-                          c1=1 / (1 - 0.9**3), c2=1 / (1 - 0.999**3))),
+    "ademamix": ((), dict(b1=0.9, b2=0.999, b3=0.9999, omb1=0.1, omb2=0.001, omb3=1e-4,
+                          alpha=5.0, eps=1e-8, eps_root=0.0, c1=1 / (1 - 0.9**3),
+                          c2=1 / (1 - 0.999**3))),
     "rmsprop": ((("eps_in_sqrt", False),), dict(decay=0.9, omdecay=0.1, eps=1e-8, c=1.0)),
     "adagrad": ((), dict(eps=1e-7)),
 }
@@ -61,7 +61,10 @@ def _inputs(case: str, n_blocks: int, dtype=jnp.float32, seed: int = 0):
   codes, absmax, maps = [], [], []
   for k, signed in enumerate(fam.signed):
     scale = np.exp(rng.normal(0, 2, (n_blocks, 1))) * 1e-3
-    s = rng.normal(0, 1, (n_blocks, 256)) * scale if signed else rng.random((n_blocks, 256)) ** 4 * scale
+    if signed:
+      s = rng.normal(0, 1, (n_blocks, 256)) * scale
+    else:
+      s = rng.random((n_blocks, 256)) ** 4 * scale
     if k == 0:
       s[1] = 0.0  # an all-zero block
     table = SIGNED if signed else UNSIGNED
