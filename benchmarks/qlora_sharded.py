@@ -61,14 +61,14 @@ class Run:
 # -- child: one run ------------------------------------------------------------------------
 
 
-def _model(cfg: dict, quantized: bool, attention: str | None):
+def _model(cfg: dict, quantized: bool, attention: str | None, remat: str = "full"):
   import jax.numpy as jnp
   from flax import nnx
 
   import jaxquant.nn as jqnn
   from jaxquant.models import LLAMA_LORA_TARGETS, LlamaConfig, LlamaForCausalLM
 
-  config = LlamaConfig.tinyllama_1_1b(**cfg, attention_impl=attention)
+  config = LlamaConfig.tinyllama_1_1b(**cfg, attention_impl=attention, remat=remat)
   model = LlamaForCausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                            rngs=nnx.Rngs(0))
   if quantized:
@@ -118,7 +118,7 @@ def child(args) -> dict:
       os.environ["JAXQUANT_BACKEND"] = backend
     try:
       t0 = time.perf_counter()
-      model, config = _model(cfg, run.quantized, attention)
+      model, config = _model(cfg, run.quantized, attention, args.remat)
       tx = jqoptim.adamw8bit(2e-4, weight_decay=0.0)
       trainer = js.make_train_step(model, tx, _loss, mesh, js.PartitionRules(lora=lora))
       state = trainer.init(model)
@@ -165,7 +165,8 @@ def child(args) -> dict:
       step_ms_median=median * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
       tokens_per_s=batch_size * args.seq / median,
       tokens_per_s_per_gpu=batch_size * args.seq / median / run.gpus,
-      steps=args.steps, warmup=args.warmup, first_loss=first_loss, last_loss=float(loss),
+      remat=args.remat, steps=args.steps, warmup=args.warmup, first_loss=first_loss,
+      last_loss=float(loss),
       compile_s=compile_s, build_s=build_s,
       peak_bytes_per_device=peaks,
       quantized_weight_bytes_per_device=[weight_bytes.get(d, 0) for d in devices],
@@ -208,7 +209,7 @@ def parent(args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--gpus-child", str(run.gpus),
            "--layout", run.layout, "--config", args.config, "--batch-per-gpu",
            str(args.batch_per_gpu), "--seq", str(args.seq), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--lora", args.lora]
+           "--warmup", str(args.warmup), "--lora", args.lora, "--remat", args.remat]
     if not run.quantized:
       cmd.append("--bf16-child")
     t0 = time.monotonic()
@@ -277,6 +278,8 @@ def main(argv=None) -> None:
   p.add_argument("--dp", action="store_true", help="also run the data-parallel layout")
   p.add_argument("--bf16", action="store_true", help="also run bf16-base LoRA on 1 GPU")
   p.add_argument("--lora", choices=("follow", "replicate"), default="follow")
+  p.add_argument("--remat", default="full", help="per-block nnx.remat policy, as W6 "
+                 "(benchmarks/qlora_step.py): none, full, dots")
   p.add_argument("--config", choices=sorted(CONFIGS), default="tinyllama")
   p.add_argument("--batch-per-gpu", type=int, default=4)
   p.add_argument("--seq", type=int, default=1024)
