@@ -317,3 +317,37 @@ def test_gpu_fused_optimizer_matches_reference_backend(name):
     assert diff.max() < 2e-3 and np.sum(diff > 3e-6) <= max(2, 3e-3 * diff.size)
   text = step_f.lower(g, sf, pf).as_text()
   assert "triton" in text.lower()  # the fused Pallas kernel, not the reference
+
+
+def test_nnx_optimizer_keeps_8bit_state_across_updates():
+  """flax.nnx.Optimizer writes each QuantState moment back as a mapping of its arrays after
+  an update; the next update must rebuild it and follow the functional path exactly."""
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(64, 128, rngs=rngs)   # 8192 weights: 8-bit state; bias: fp32
+
+  x = jax.random.normal(jax.random.key(1), (4, 64))
+  loss = lambda m: jnp.mean(m.dense(x) ** 2)  # noqa: E731
+  model = Model(nnx.Rngs(0))
+  graphdef, params = nnx.split(Model(nnx.Rngs(0)), nnx.Param)   # a separate, equal copy
+  tx = jo.adamw8bit(1e-2)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def nnx_step(model, optimizer):
+    optimizer.update(model, nnx.grad(loss)(model))
+
+  @jax.jit
+  def functional_step(params, opt_state):
+    grads = jax.grad(lambda p: loss(nnx.merge(graphdef, p)))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  for _ in range(3):
+    nnx_step(model, optimizer)
+    params, opt_state = functional_step(params, opt_state)
+  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

@@ -15,6 +15,7 @@ saving the separate ``optax.apply_updates`` pass over parameters and updates.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -23,6 +24,7 @@ import optax
 
 from jaxquant import _dispatch
 from jaxquant.optim import _clipping, _config, _offload, _state
+from jaxquant.quant_state import QuantState
 from pallas_kernels.optim_update import families
 
 __all__ = ["Spec", "Optimizer8bit", "build", "update_and_apply", "NO_PARAMS_MSG"]
@@ -176,6 +178,27 @@ def _needs_params(spec: Spec, write: str) -> bool:
           or not _config.is_static_zero(spec.weight_decay))
 
 
+def _as_quant_state(moment: Any, grad: Any, blocksize: int) -> Any:
+  """A moment as this optimizer stores it.
+
+  ``flax.nnx.Optimizer`` keeps each state leaf in a Variable and, after its first update,
+  writes a QuantState back as a mapping of its arrays (``nnx.State``), dropping the static
+  fields. Those are known here -- a moment is always a ``blockwise8`` float32 state of the
+  gradient's shape -- so the QuantState is rebuilt; arrays and QuantStates pass through.
+  """
+  if not isinstance(moment, Mapping):
+    return moment
+  if not {"data", "absmax", "code"} <= set(moment):
+    raise TypeError(f"optimizer state: expected a QuantState (or a mapping of its arrays "
+                    f"'data', 'absmax', 'code') for a gradient of shape {tuple(grad.shape)}, "
+                    f"got a mapping with keys {sorted(moment)}")
+  raw = lambda x: x.get_value() if hasattr(x, "get_value") else x  # noqa: E731
+  return QuantState(data=raw(moment["data"]), absmax=raw(moment["absmax"]),
+                    code=raw(moment["code"]), nested_absmax=None, nested_code=None,
+                    offset=None, shape=tuple(grad.shape), dtype=jnp.float32,
+                    blocksize=blocksize, quant_type="blockwise8")
+
+
 def _run(spec: Spec, grads: Any, state: NamedTuple, params: Any, write: str):
   """Shared body of ``update`` (write="update") and the fused apply (write="param")."""
   opts = spec.options
@@ -188,7 +211,9 @@ def _run(spec: Spec, grads: Any, state: NamedTuple, params: Any, write: str):
   g_leaves, treedef = jax.tree_util.tree_flatten(grads)
   n = len(g_leaves)
   p_leaves = treedef.flatten_up_to(params) if needs_p else [None] * n
-  field_leaves = [treedef.flatten_up_to(getattr(state, f)) for f in spec.fields]
+  field_leaves = [[_as_quant_state(m, g, opts.blocksize) for m, g in
+                   zip(treedef.flatten_up_to(getattr(state, f)), g_leaves)]
+                  for f in spec.fields]
   gnorm_leaves = (treedef.flatten_up_to(state.gnorm) if state.gnorm is not None
                   else [None] * n)
   wd_on = _wd_leaves(spec, treedef, params, n) if needs_p else [True] * n
