@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxquant import _dispatch, _validate
-from jaxquant.functional._cotangent import zeros_cotangent
+from jaxquant.functional._cotangent import bias_cotangent, zeros_cotangent
 from jaxquant.quant_state import QuantState
 from pallas_kernels.int8_matmul import reference
 
@@ -141,10 +141,7 @@ def _int8_linear_bwd(threshold, backend, res, g):
   del threshold
   state, bias = res
   dx = _dispatch.call("int8_linear_grad_input", backend, g, state.data, state.absmax)
-  dbias = None
-  if bias is not None:
-    dbias = jnp.sum(g.reshape(-1, g.shape[-1]).astype(jnp.float32), axis=0).astype(bias.dtype)
-  return dx, zeros_cotangent(state), dbias
+  return dx, zeros_cotangent(state), bias_cotangent(g, bias)
 
 
 _int8_linear.defvjp(_int8_linear_fwd, _int8_linear_bwd)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxquant import _dispatch, _validate
-from jaxquant.functional._cotangent import zeros_cotangent
+from jaxquant.functional._cotangent import bias_cotangent, zeros_cotangent
 from jaxquant.functional._int8 import check_int8_state, check_linear_args
 from jaxquant.quant_state import QuantState
 
@@ -97,10 +97,7 @@ def _weight_only_fwd(x, state, bias, backend):
 def _weight_only_bwd(backend, res, g):
   state, bias = res
   dx = _dispatch.call("int8_linear_grad_input", backend, g, state.data, state.absmax)
-  dbias = None
-  if bias is not None:
-    dbias = jnp.sum(g.reshape(-1, g.shape[-1]).astype(jnp.float32), axis=0).astype(bias.dtype)
-  return dx, zeros_cotangent(state), dbias
+  return dx, zeros_cotangent(state), bias_cotangent(g, bias)
 
 
 _weight_only.defvjp(_weight_only_fwd, _weight_only_bwd)

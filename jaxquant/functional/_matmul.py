@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxquant import _dispatch, _validate
-from jaxquant.functional._cotangent import zeros_cotangent
+from jaxquant.functional._cotangent import bias_cotangent, zeros_cotangent
 from jaxquant.functional._fourbit import check_4bit_state, nested_of
 from jaxquant.quant_state import QuantState
 
@@ -78,10 +78,7 @@ def _matmul_4bit_bwd(backend, res, g):
   state, bias = res
   dx = _dispatch.call("matmul_4bit_grad_input", backend, g, state.data, state.absmax,
                       state.code, **_weight_kwargs(state))
-  dbias = None
-  if bias is not None:
-    dbias = jnp.sum(g.reshape(-1, g.shape[-1]).astype(jnp.float32), axis=0).astype(bias.dtype)
-  return dx, zeros_cotangent(state), dbias
+  return dx, zeros_cotangent(state), bias_cotangent(g, bias)
 
 
 _matmul_4bit.defvjp(_matmul_4bit_fwd, _matmul_4bit_bwd)
