@@ -18,7 +18,7 @@ moment, to compare with the quantized result plus one tensor.
 
 Usage::
 
-  python benchmarks/quantize_on_load.py [--layers 4] [--out benchmarks/results/quantize_on_load.json]
+  python benchmarks/quantize_on_load.py [--layers 4] [--out results.json]
 """
 
 from __future__ import annotations
@@ -198,8 +198,9 @@ def main() -> None:
         f"{ckpt['largest_tensor_mb']} MB; quantized result {qol['result_mb']} MB")
   print(f"{'mode':<20} {'peak':>10} {'kept after free':>16} {'data peak':>10} {'time':>6}")
   for r in runs:
-    print(f"{r['mode']:<20} {r['peak_above_start_mb']:>7.1f} MB {r['kept_after_free_mb']:>13.1f} MB "
-          f"{r['data_peak_mb']:>7.1f} MB {r['seconds']:>5.1f}s")
+    print(f"{r['mode']:<20} {r['peak_above_start_mb']:>7.1f} MB "
+          f"{r['kept_after_free_mb']:>13.1f} MB {r['data_peak_mb']:>7.1f} MB "
+          f"{r['seconds']:>5.1f}s")
   bound = qol["result_mb"] + ckpt["largest_tensor_mb"]
   result["summary"] = {
       "peak_mb": qol["peak_above_start_mb"],

@@ -154,7 +154,8 @@ def test_jaxquant_states_round_trip(shape, qt, bs, dq, dtype, tmp_path):
   back = bnb.load(tmp_path / "a.safetensors", progress=False)
   _assert_states_equal(back["layer.weight"], state)
   assert _bytes(back["layer.bias"]) == _bytes(tree["layer.bias"])
-  blob = json.loads(bytes(_raw(tmp_path / "a.safetensors")[f"layer.weight.quant_state.bitsandbytes__{qt}"]))
+  raw = _raw(tmp_path / "a.safetensors")
+  blob = json.loads(bytes(raw[f"layer.weight.quant_state.bitsandbytes__{qt}"]))
   assert list(blob)[:4] == ["quant_type", "blocksize", "dtype", "shape"]
   assert blob["dtype"] == jnp.dtype(dtype).name and blob["shape"] == list(shape)
 
@@ -369,7 +370,8 @@ def test_wrong_shapes_and_dtypes(tmp_path):
   for key, bad in cases.items():
     with pytest.raises(ValueError, match=f"tensor '{key}'"):
       bnb.load(_mutated(tmp_path, LINEAR4[1], **{key: bad}), progress=False)
-  with pytest.raises(ValueError, match="tensor 'weight': packed 4-bit data must be stored as.*got int16"):
+  with pytest.raises(ValueError,
+                     match="tensor 'weight': packed 4-bit data must be stored as.*got int16"):
     bnb.load(_mutated(tmp_path, LINEAR4[0], weight=raw["weight"].astype(np.int16)),
              progress=False)
   with pytest.raises(ValueError, match="tensor 'SCB'.*64 values of dtype float32"):

@@ -1,9 +1,9 @@
 """jaxquant.interop.load_into / state_dict: checkpoint tensors onto Flax models by name.
 
-The bitsandbytes golden state dicts go into jaxquant.nn layers and give the recorded outputs,
-and come back out byte for byte; a transformers-named (Llama) sharded checkpoint is quantized
-into an NNX model of jaxquant layers through the name rules, also under LoRA; every mismatch
-is refused naming the tensor and the model path.
+The bitsandbytes golden state dicts go into jaxquant.nn layers (NNX and Linen) and give the
+recorded outputs, and come back out byte for byte; a transformers-named sharded Llama checkpoint
+is quantized into jaxquant.models.LlamaForCausalLM through the name rules (also under LoRA) and
+exported again; every mismatch is refused naming the tensor and the model path.
 """
 
 import json
@@ -20,6 +20,7 @@ import jaxquant as jq
 from jaxquant import interop
 from jaxquant import nn as jqnn
 from jaxquant.interop import bnb
+from jaxquant.models import LlamaConfig, LlamaForCausalLM
 from tests.helpers import BNB, golden
 
 LINEAR4 = {dq: BNB / f"bnb_linear4bit_dq{dq}_state.safetensors" for dq in (0, 1)}
@@ -100,75 +101,65 @@ def test_a_file_from_another_layout_is_refused():
     interop.load_into(int8, bnb.load(LINEAR8[0], progress=False), LAYER_NAMES)
 
 
-# -- a transformers-named checkpoint into an NNX model through the Llama rules ---------------------
+# -- a transformers-named checkpoint into jaxquant.models.LlamaForCausalLM by the Llama rules ----
 
-H, V, LAYERS = 64, 96, 2
-
-
-class _Attn(nnx.Module):
-  def __init__(self, rngs):
-    for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-      setattr(self, p, jqnn.Linear4bit(H, H, use_bias=False, quant_type="nf4", rngs=rngs))
+CFG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, max_position=16)
+QLORA = jqnn.QuantConfig(load_in_4bit=True, quant_type="nf4", double_quant=True,
+                         quantize_embeddings=False, skip_modules=("lm_head",))
 
 
-class _Mlp(nnx.Module):
-  def __init__(self, rngs):
-    for p in ("gate_proj", "up_proj", "down_proj"):
-      setattr(self, p, jqnn.Linear4bit(H, H, use_bias=False, quant_type="nf4", rngs=rngs))
+def _float_llama():
+  return LlamaForCausalLM(CFG, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
 
 
-class _Block(nnx.Module):
-  def __init__(self, rngs):
-    self.self_attn = _Attn(rngs)
-    self.mlp = _Mlp(rngs)
-    self.input_layernorm = nnx.RMSNorm(H, param_dtype=jnp.bfloat16, rngs=rngs)
-    self.post_attention_layernorm = nnx.RMSNorm(H, param_dtype=jnp.bfloat16, rngs=rngs)
-
-
-class _TinyLlama(nnx.Module):
-  """The module names of transformers' LlamaForCausalLM, with jaxquant 4-bit projections."""
-
-  def __init__(self, rngs):
-    self.embed_tokens = nnx.Embed(V, H, param_dtype=jnp.bfloat16, rngs=rngs)
-    self.layers = nnx.List([_Block(rngs) for _ in range(LAYERS)])
-    self.norm = nnx.RMSNorm(H, param_dtype=jnp.bfloat16, rngs=rngs)
-    self.lm_head = nnx.Linear(H, V, use_bias=False, param_dtype=jnp.bfloat16, rngs=rngs)
+def _nf4_llama():
+  model = _float_llama()
+  jqnn.quantize_model(model, QLORA, progress=False)
+  return model
 
 
 def _hf_checkpoint(directory):
   """A sharded bf16 checkpoint with transformers' Llama names (and an old rotary buffer)."""
   rng = np.random.default_rng(0)
-  t = {"model.embed_tokens.weight": rng.standard_normal((V, H)),
-       "model.norm.weight": 1 + rng.standard_normal(H) / 10,
-       "lm_head.weight": rng.standard_normal((V, H))}
-  for i in range(LAYERS):
-    for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-      t[f"model.layers.{i}.self_attn.{p}.weight"] = rng.standard_normal((H, H))
-    for p in ("gate_proj", "up_proj", "down_proj"):
-      t[f"model.layers.{i}.mlp.{p}.weight"] = rng.standard_normal((H, H))
-    for n in ("input_layernorm", "post_attention_layernorm"):
-      t[f"model.layers.{i}.{n}.weight"] = 1 + rng.standard_normal(H) / 10
-  t = {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}
-  t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(H // 2, np.float32)
-  bnb.save(directory, {k: jnp.asarray(v) for k, v in t.items()}, max_shard_size=40_000)
+  h, kv, v = CFG.hidden_size, CFG.num_kv_heads * CFG.head_dim, CFG.vocab_size
+  t = {"model.embed_tokens.weight": rng.standard_normal((v, h)),
+       "model.norm.weight": 1 + rng.standard_normal(h) / 10,
+       "lm_head.weight": rng.standard_normal((v, h)) / 8}
+  for i in range(CFG.num_layers):
+    p = f"model.layers.{i}"
+    for name, rows in (("q_proj", h), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)):
+      t[f"{p}.self_attn.{name}.weight"] = rng.standard_normal((rows, h)) / 8
+    for name in ("gate_proj", "up_proj", "down_proj"):
+      t[f"{p}.mlp.{name}.weight"] = rng.standard_normal((h, h)) / 8
+    for name in ("input_layernorm", "post_attention_layernorm"):
+      t[f"{p}.{name}.weight"] = 1 + rng.standard_normal(h) / 10
+  t = {k: a.astype(ml_dtypes.bfloat16) for k, a in t.items()}
+  t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(CFG.head_dim // 2, np.float32)
+  bnb.save(directory, {k: jnp.asarray(a) for k, a in t.items()}, max_shard_size=40_000)
   assert (directory / "model.safetensors.index.json").exists()
   return t
 
 
-def test_llama_checkpoint_quantized_into_a_model_by_name(tmp_path):
+def test_llama_checkpoint_quantized_into_the_llama_model_by_name(tmp_path):
   tensors = _hf_checkpoint(tmp_path / "hf")
-  model = nnx.eval_shape(lambda: _TinyLlama(nnx.Rngs(0)))  # allocates nothing
-  interop.load_into(model, bnb.iter_load(tmp_path / "hf", progress=False),
-                    interop.LLAMA_RULES, cast=True)
+  model = nnx.eval_shape(_nf4_llama)  # allocates nothing
+  interop.load_into(model, bnb.iter_load(tmp_path / "hf", progress=False), interop.LLAMA_RULES)
   q = model.layers[1].self_attn.q_proj.quant_state
   w = tensors["model.layers.1.self_attn.q_proj.weight"]
-  assert _states_equal(q, jq.quantize_4bit(jnp.asarray(w, jnp.float32), 64, True, "nf4"))
+  assert _states_equal(q, jq.quantize_4bit(jnp.asarray(w), 64, True, "nf4"))
   np.testing.assert_array_equal(np.asarray(model.lm_head.kernel[...]),
                                 tensors["lm_head.weight"].T)
-  np.testing.assert_array_equal(np.asarray(model.embed_tokens.embedding[...]),
-                                tensors["model.embed_tokens.weight"])
-  np.testing.assert_array_equal(np.asarray(model.layers[0].post_attention_layernorm.scale[...]),
+  np.testing.assert_array_equal(np.asarray(model.layers[0].post_attn_norm.scale[...]),
                                 tensors["model.layers.0.post_attention_layernorm.weight"])
+  # The same as loading the float model (kernels transposed) and quantizing it afterwards.
+  reference = nnx.eval_shape(_float_llama)
+  interop.load_into(reference, bnb.iter_load(tmp_path / "hf", progress=False),
+                    interop.LLAMA_RULES)
+  jqnn.quantize_model(reference, QLORA, progress=False)
+  ids = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) * 5 % CFG.vocab_size
+  np.testing.assert_array_equal(np.asarray(model(ids), np.float32),
+                                np.asarray(reference(ids), np.float32))
   # Out again under transformers' names, in bitsandbytes' format, and back in.
   exported = interop.state_dict(model, interop.LLAMA_RULES)
   assert set(exported) == set(tensors) - {"model.layers.0.self_attn.rotary_emb.inv_freq"}
@@ -179,11 +170,11 @@ def test_llama_checkpoint_quantized_into_a_model_by_name(tmp_path):
   blob = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
   raw = safetensors.numpy.load_file(str(tmp_path / "q" / weight_map[blob]))
   assert json.loads(bytes(raw[blob]))["nested_blocksize"] == 256
-  again = nnx.eval_shape(lambda: _TinyLlama(nnx.Rngs(1)))
+  again = nnx.eval_shape(_nf4_llama)
   interop.load_into(again, bnb.load(tmp_path / "q", progress=False), interop.LLAMA_RULES)
   assert _states_equal(again.layers[1].self_attn.q_proj.quant_state, q)
   # With LoRA adapters added, the same rules find the wrapped base layers.
-  lora_model = _TinyLlama(nnx.Rngs(2))
+  lora_model = _nf4_llama()
   jqnn.add_lora(lora_model, jqnn.LoraConfig(r=4, alpha=8), rngs=nnx.Rngs(3))
   interop.load_into(lora_model, bnb.load(tmp_path / "q", progress=False), interop.LLAMA_RULES,
                     strict=False)
@@ -201,6 +192,8 @@ def test_rules_hooks_and_plain_trees():
   with pytest.raises(ValueError, match="same placeholders"):
     interop.NameRules((("a.{i}.w", "b.w"),))
   custom = interop.llama_rules(attn="attn", mlp="ffn", layers="blocks")
+  assert (interop.LLAMA_RULES("model.layers.2.input_layernorm.weight")
+          == "layers.2.input_norm.scale")
   assert custom("model.layers.2.mlp.down_proj.weight") == "blocks.2.ffn.down_proj.kernel"
   # Linen-style variables: a new tree, the float kernel transposed, dtypes cast on request.
   variables = {"params": {"Dense_0": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}}}

@@ -7,7 +7,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from jaxquant.checkpoint._orbax import META, STATE, read_meta, restore_with, save_args
+from jaxquant.checkpoint._orbax import save_args
+from jaxquant.checkpoint._restore import META, STATE, read_meta, restore_with
 from jaxquant.checkpoint._validate import Shardings
 
 __all__ = ["CheckpointManager"]

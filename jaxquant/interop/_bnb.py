@@ -199,8 +199,9 @@ def state_from_4bit(g: Group, read: Callable[[str], np.ndarray],
   nested = "nested_blocksize" in d
   for role in ("absmax", "quant_map") + (("nested_absmax", "nested_quant_map") if nested else ()):
     if role not in g.keys:
-      raise _err(f"{g.name}.{role}", f"is missing (needed by the {'double-quantized ' if nested else ''}"
-                                     f"4-bit parameter {g.name!r}, {d['quant_type']} {list(shape)})")
+      kind = "double-quantized " if nested else ""
+      raise _err(f"{g.name}.{role}", f"is missing (needed by the {kind}4-bit parameter "
+                                     f"{g.name!r}, {d['quant_type']} {list(shape)})")
   wkey = g.keys["weight"]
   raw = read(wkey)
   if np.dtype(raw.dtype).name not in STORAGE_DTYPES:
@@ -253,8 +254,8 @@ def state_from_int8(g: Group, read: Callable[[str], np.ndarray], put: Callable[[
       raise _err(fkey, f"must be an integer scalar, got {f.dtype} {list(f.shape)}")
     fmt = int(f.reshape(()))
     if fmt != 0:
-      raise _err(fkey, f"weight format {fmt} ({WEIGHT_FORMATS.get(fmt, 'unknown')}) is not supported; "
-                       "only row-major (0) weights, as bitsandbytes >= 0.43 writes")
+      raise _err(fkey, f"weight format {fmt} ({WEIGHT_FORMATS.get(fmt, 'unknown')}) is not "
+                       "supported; only row-major (0) weights, as bitsandbytes >= 0.43 writes")
   return QuantState(data=put(np.ascontiguousarray(w)), absmax=put(scb.reshape(-1)), code=None,
                     nested_absmax=None, nested_code=None, offset=None, shape=tuple(w.shape),
                     dtype=jnp.dtype(dtype), blocksize=int(w.shape[1]), quant_type="int8_rowwise")

@@ -121,10 +121,12 @@ def resolve_name_map(name_map: NameMap) -> Callable[[str], str | None]:
 
 
 def llama_rules(*, embed: str = "embed_tokens.embedding", layers: str = "layers",
-                attn: str = "self_attn", mlp: str = "mlp", norm_param: str = "scale",
-                lm_head: str = "lm_head.kernel") -> NameRules:
-  """transformers' Llama names (``LlamaForCausalLM``, also Mistral/Qwen2 without biases)
-  mapped onto a Flax model whose modules carry the same names.
+                attn: str = "self_attn", mlp: str = "mlp", input_norm: str = "input_norm",
+                post_attn_norm: str = "post_attn_norm", norm: str = "norm",
+                norm_param: str = "scale", lm_head: str = "lm_head.kernel") -> NameRules:
+  """transformers' Llama names (``LlamaForCausalLM``; also Mistral, and Qwen2 with its
+  attention biases) mapped onto a Flax Llama. The defaults are the names of
+  :class:`jaxquant.models.LlamaForCausalLM`; change them for another model's attributes.
 
   Args:
     embed: model path of the token embedding table.
@@ -132,8 +134,10 @@ def llama_rules(*, embed: str = "embed_tokens.embedding", layers: str = "layers"
     attn, mlp: attributes of a block holding ``q_proj``.. ``o_proj`` and ``gate_proj``..
       ``down_proj`` (each a Linear: ``.kernel``, or a quantized Linear whose ``kernel`` holds
       the QuantState).
+    input_norm, post_attn_norm: a block's RMSNorms (transformers' ``input_layernorm`` and
+      ``post_attention_layernorm``); ``norm``: the final one.
     norm_param: the RMSNorm parameter name (``nnx.RMSNorm``: ``scale``).
-    lm_head: model path of the output projection.
+    lm_head: model path of the output projection (absent with tied embeddings).
   """
   b = f"{layers}.{{i}}"
   rules = [("model.embed_tokens.weight", embed)]
@@ -142,13 +146,15 @@ def llama_rules(*, embed: str = "embed_tokens.embedding", layers: str = "layers"
     rules.append((f"model.layers.{{i}}.self_attn.{p}.bias", f"{b}.{attn}.{p}.bias"))
   for p in ("gate_proj", "up_proj", "down_proj"):
     rules.append((f"model.layers.{{i}}.mlp.{p}.weight", f"{b}.{mlp}.{p}.kernel"))
-  for n in ("input_layernorm", "post_attention_layernorm"):
-    rules.append((f"model.layers.{{i}}.{n}.weight", f"{b}.{n}.{norm_param}"))
-  rules += [("model.norm.weight", f"norm.{norm_param}"), ("lm_head.weight", lm_head),
+  rules += [("model.layers.{i}.input_layernorm.weight", f"{b}.{input_norm}.{norm_param}"),
+            ("model.layers.{i}.post_attention_layernorm.weight",
+             f"{b}.{post_attn_norm}.{norm_param}"),
+            ("model.norm.weight", f"{norm}.{norm_param}"), ("lm_head.weight", lm_head),
             ("model.layers.{i}.self_attn.rotary_emb.inv_freq", None)]
   return NameRules(tuple(rules))
 
 
-#: transformers' Llama names onto a Flax Llama whose modules keep transformers' names
-#: (``layers.{i}.self_attn.q_proj.kernel``, ``layers.{i}.mlp.up_proj.kernel``, ...).
+#: transformers' Llama names onto :class:`jaxquant.models.LlamaForCausalLM`
+#: (``layers.{i}.self_attn.q_proj.kernel``, ``layers.{i}.input_norm.scale``, ...), quantized
+#: (``jaxquant.nn.quantize_model``) or not, with or without LoRA adapters.
 LLAMA_RULES = llama_rules()

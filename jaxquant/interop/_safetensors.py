@@ -210,7 +210,8 @@ def _st_dtype(name: str, a: np.ndarray) -> str:
   try:
     return NP_TO_ST[np.dtype(a.dtype).name]
   except KeyError:
-    raise TypeError(f"tensor {name!r} has dtype {a.dtype}, which safetensors cannot store") from None
+    raise TypeError(f"tensor {name!r} has dtype {a.dtype}, which safetensors cannot "
+                    "store") from None
 
 
 def nbytes_of(a: Any) -> int:
