@@ -90,6 +90,8 @@ def child(args) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
+  from jax.sharding import PartitionSpec
+
   import jaxquant.optim as jqoptim
   import jaxquant.sharding as js
   from jaxquant.quant_state import QuantState
@@ -120,7 +122,9 @@ def child(args) -> dict:
       t0 = time.perf_counter()
       model, config = _model(cfg, run.quantized, attention, args.remat)
       tx = jqoptim.adamw8bit(2e-4, weight_decay=0.0)
-      trainer = js.make_train_step(model, tx, _loss, mesh, js.PartitionRules(lora=lora))
+      rules = js.PartitionRules(lora=lora, overrides=tuple(
+          (pattern, PartitionSpec()) for pattern in args.replicate))
+      trainer = js.make_train_step(model, tx, _loss, mesh, rules)
       state = trainer.init(model)
       del model
       batch = trainer.place_batch(host_batch)
@@ -159,7 +163,7 @@ def child(args) -> dict:
     peaks.append(stats.get("peak_bytes_in_use"))
   return dict(
       run=run.name, gpus=run.gpus, layout=run.layout, quantized=run.quantized,
-      lora_layout=lora, matmul_backend=backend or "auto", failed_attempts=failures,
+      lora_layout=lora, replicated=list(args.replicate), matmul_backend=backend or "auto", failed_attempts=failures,
       attention=config.attention_impl or "default (cudnn on GPU for bf16, else xla)",
       device=getattr(devices[0], "device_kind", str(devices[0])),
       jax=jax.__version__, tokens_per_step=batch_size * args.seq,
@@ -224,6 +228,8 @@ def parent(args) -> dict:
            "--layout", run.layout, "--config", args.config, "--batch-per-gpu",
            str(args.batch_per_gpu), "--seq", str(args.seq), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--lora", args.lora, "--remat", args.remat]
+    for pattern in args.replicate:
+      cmd += ["--replicate", pattern]
     if not run.quantized:
       cmd.append("--bf16-child")
     t0 = time.monotonic()
@@ -293,6 +299,9 @@ def main(argv=None) -> None:
   p.add_argument("--dp", action="store_true", help="also run the data-parallel layout")
   p.add_argument("--bf16", action="store_true", help="also run bf16-base LoRA on 1 GPU")
   p.add_argument("--lora", choices=("follow", "replicate"), default="follow")
+  p.add_argument("--replicate", action="append", default=[], metavar="REGEX",
+                 help="keep the variables whose path matches REGEX whole on every device "
+                      "(e.g. 'embed_tokens|lm_head'); repeatable")
   p.add_argument("--remat", default="full", help="per-block nnx.remat policy, as W6 "
                  "(benchmarks/qlora_step.py): none, full, dots")
   p.add_argument("--config", choices=sorted(CONFIGS), default="tinyllama")
