@@ -8,7 +8,8 @@ codebook)`` in the blocked layout ``(..., blocksize)``:
 * ``optim_update_fp32``: ``"xla"`` only (float32 state, small tensors; XLA fuses it).
 
 The kernel covers blocksize 256, float32/bfloat16/float16 gradients and parameters, the dynamic
-maps (``codebook="dynamic"``) and ``max_unorm == 0``; anything else goes to the reference.
+maps (``codebook="dynamic"``) and ``max_unorm == 0``; anything else goes to the reference. Its
+codes are the reference's bytes for the same new state (``exact.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pallas_kernels.optim_update import kernel, reference
 __all__ = ["update_8bit_xla", "update_8bit_pallas", "update_8bit_interpret", "supports"]
 
 _FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-KERNEL_BLOCKSIZE = 256
+KERNEL_BLOCKSIZE = kernel.BLOCKSIZE
 
 
 def update_8bit_xla(g, p, codes, absmax, maps, hparams, *, family, flags=(), write="update",
@@ -35,11 +36,10 @@ def _kernel_call(g, p, codes, absmax, maps, hparams, *, family, flags, write, ma
                  codebook, config, interpret):
   del codebook
   shape = g.shape
-  bs = shape[-1]
-  flat = lambda x: x.reshape(-1, bs)  # noqa: E731  (free: row-major, contiguous)
+  flat = lambda x: x.reshape(-1)  # noqa: E731  (free: row-major, contiguous)
   out, new_codes, new_absmax = kernel.update_8bit(
       flat(g), None if p is None else flat(p), tuple(flat(q) for q in codes),
-      tuple(a.reshape(-1) for a in absmax), maps, hparams, family=family, flags=flags,
+      tuple(flat(a) for a in absmax), maps, hparams, family=family, flags=flags,
       write=write, max_unorm=max_unorm, interpret=interpret,
       config=config or kernel.DEFAULT_CONFIG)
   return (out.reshape(shape), tuple(q.reshape(shape) for q in new_codes),

@@ -2,9 +2,11 @@
 
 On CPU the kernel runs in Pallas interpret mode; ``@pytest.mark.gpu`` tests compile it with
 Triton. The oracle is ``reference.update_8bit`` (table lookups and bitsandbytes' binary-search
-quantizer); the kernel decodes and encodes the dynamic maps arithmetically, so codes may differ
-by one step where a value lies within float rounding of a midpoint, and updates agree to float
-rounding.
+quantizer). The kernel's encoder (``exact.py``) gives the search's byte for every float32, which
+the encoder tests check on edge values and the strict kernel tests check end to end (states
+computed without rounding choices). In general the two programs may round the state math
+differently (a fused multiply-add in one, not in the other), so a new state can differ by an
+ulp; its code then differs by at most one step and only at a tie, which ``_compare`` checks.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 
 from jaxquant import codebooks
 from pallas_kernels.blockwise_quant.reference import encode_8bit
-from pallas_kernels.optim_update import api, codec, families, kernel, reference
+from pallas_kernels.optim_update import api, exact, families, kernel, reference
 
 SIGNED = jnp.asarray(codebooks.dynamic_map(True))
 UNSIGNED = jnp.asarray(codebooks.dynamic_map(False))
@@ -109,80 +111,85 @@ def _compare(case, got, want, exact):
     assert np.all(err_k <= err_r + 1e-5 * np.broadcast_to(a, qk.shape)[off]), case
 
 
-# -- the arithmetic codec -----------------------------------------------------------------
+# -- the exact encoder -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signed", [True, False])
-def test_codec_decode_matches_tables(signed):
-  table = codebooks.dynamic_map(signed)
-  dec = {k: jnp.asarray(v) for k, v in codec.decode_tables(signed).items()}
-  for values in (codec.decode(jnp.arange(256), signed),
-                 codec.decode_segments(jnp.arange(256, dtype=jnp.uint8), signed,
-                                       lambda n, i: dec[n][i])):
-    values = np.asarray(values)
-    np.testing.assert_allclose(values, table, rtol=5e-7, atol=0)
-    assert values[codec.ZERO_INDEX[signed]] == 0.0 and values[255] == 1.0
-
-
-@pytest.mark.parametrize("signed", [True, False])
-def test_codec_encode_is_nearest_code(signed):
-  table = codebooks.dynamic_map(signed)
-  rng = np.random.default_rng(1)
-  x = np.concatenate([rng.uniform(-1, 1, 50_000),
-                      np.sign(rng.uniform(-1, 1, 50_000)) * 10 ** rng.uniform(-8, 0, 50_000),
-                      table, (table[1:] + table[:-1]) / 2, [0.0, 1.0, -1.0, 1e-30, -1e-30]])
-  x = x.astype(np.float32)
-  if not signed:
-    x = np.abs(x)
-  got = np.asarray(codec.encode(jnp.asarray(x), signed))
-  want = np.asarray(encode_8bit(jnp.asarray(x), jnp.asarray(table))).astype(np.int32)
-  if signed:  # bitsandbytes' sign guard: negatives never take the code of +0
+def _search_codes(x: np.ndarray, table: np.ndarray, signed: bool) -> np.ndarray:
+  """The reference: bitsandbytes' binary search, plus the sign guard for signed maps."""
+  want = np.asarray(jax.jit(encode_8bit)(jnp.asarray(x), jnp.asarray(table))).astype(np.int32)
+  if signed:
     want = np.where((x < 0) & (table[want] >= 0), want - 1, want)
+  return want
+
+
+def _ulps(values: np.ndarray, steps) -> list[np.ndarray]:
+  bits = np.asarray(values, np.float32).view(np.int32)
+  return [(bits + k).view(np.float32) for k in steps]
+
+
+def _edge_values(table: np.ndarray) -> np.ndarray:
+  """Every code and midpoint with float32 neighbours, values across the band decided
+  exactly, segment splits, powers of two and ten, zeros, subnormals, inf, NaN, randoms."""
+  mids = (table[1:] + table[:-1]) * np.float32(0.5)
+  rng = np.random.default_rng(7)
+  pows = np.array([2.0**k for k in range(-149, 128)] + [10.0**k for k in range(-45, 39)])
+  pows = np.concatenate([pows, -pows]).astype(np.float32)
+  splits = exact.tables(True)["S"], exact.tables(False)["S"]
+  splits = np.concatenate(splits)[np.concatenate(splits) > 0]
+  band = rng.integers(-3000, 3000, (mids.size, 64)).astype(np.int32)
+  special = np.array([0.0, -0.0, np.inf, -np.inf, 1.0, -1.0, 3.4028235e38, -3.4028235e38,
+                      1e-45, -1e-45, 1.1754942e-38, -1.1754942e-38, 1.17549435e-38],
+                     np.float32)
+  nans = np.array([0x7FC00000, 0x7F800001, 0xFFC00000, 0xFFFFFFFF], np.uint32).view(np.float32)
+  parts = [table, special, nans, (mids.view(np.int32)[:, None] + band).reshape(-1).view(
+      np.float32)]
+  parts += _ulps(table, range(-4, 5)) + _ulps(mids, range(-8, 9))
+  parts += _ulps(splits, range(-4, 5)) + _ulps(pows, range(-2, 3))
+  parts += [rng.uniform(-1.01, 1.01, 100_000).astype(np.float32),
+            (np.sign(rng.uniform(-1, 1, 100_000)) * 10 ** rng.uniform(-12, 0.1, 100_000))]
+  x = np.concatenate([np.asarray(v, np.float32).ravel() for v in parts])
+  return np.concatenate([x, -x])
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_exact_encoder_equals_binary_search(signed):
+  table = codebooks.dynamic_map(signed)
+  x = _edge_values(table)
+  got = np.asarray(jax.jit(functools.partial(exact.xla_encode, signed=signed))(
+      jnp.asarray(x), jnp.asarray(table)))
+  want = _search_codes(x, table, signed)
+  bad = np.nonzero(got != want)[0]
+  assert bad.size == 0, (x[bad[:8]], got[bad[:8]], want[bad[:8]])
   assert got.min() >= 0 and got.max() <= 255
-  diff = np.abs(got - want)
-  assert diff.max() <= 1
-  # Off by one only within float rounding of a midpoint: the two codes are equally near.
-  off = diff > 0
-  assert off[:100_000].mean() < 1e-4  # random values: (near-)ties are rare
-  dist_got = np.abs(table[got[off]] - x[off])
-  dist_want = np.abs(table[want[off]] - x[off])
-  assert np.all(np.abs(dist_got - dist_want) <= 4 * np.spacing(np.abs(x[off])) + 1e-12)
-  if signed:
-    assert np.all(table[got[x < 0]] < 0)
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_segment_encoder_is_nearest_code(signed):
-  table = codebooks.dynamic_map(signed)
-  tables = {k: jnp.asarray(v) for k, v in codec.encode_tables(signed).items()}
-  rng = np.random.default_rng(2)
-  mids = (table[1:] + table[:-1]) / 2
-  x = np.concatenate([rng.uniform(-1, 1, 50_000),
-                      np.sign(rng.uniform(-1, 1, 50_000)) * 10 ** rng.uniform(-8, 0, 50_000),
-                      table, np.nextafter(mids, 2), np.nextafter(mids, -2),
-                      [0.0, 1.0, -1.0, 1e-30, 1.0000001]]).astype(np.float32)
-  if not signed:
-    x = np.abs(x)
-  got = np.asarray(codec.encode_segments(jnp.asarray(x), signed, lambda n, i: tables[n][i]))
-  want = np.asarray(encode_8bit(jnp.asarray(x), jnp.asarray(table))).astype(np.int32)
-  if signed:
-    want = np.where((x < 0) & (table[want] >= 0), want - 1, want)
-  diff = np.abs(got - want)
-  assert diff.max() <= 1 and diff[:100_000].mean() < 1e-3
-  off = diff > 0  # only within a few ulp of a midpoint: equally near codes
-  gap = np.abs(np.abs(table[got[off]] - x[off]) - np.abs(table[want[off]] - x[off]))
-  assert np.all(gap <= 8 * np.spacing(np.abs(x[off])) + 1e-12)
+def test_exact_encoder_margins(signed):
+  """The formula's coordinate of every midpoint of the map is within a tiny fraction of the
+  band that is decided exactly (so the candidate is right outside the band)."""
+  table = codebooks.dynamic_map(signed).astype(np.float64)
+  tabs = exact.tables(signed)
+  mids = ((table[1:] + table[:-1]) * 0.5).astype(np.float32)
+  b = np.arange(1, 256)[mids > 0]
+  y = mids[mids > 0]
+  e = y.view(np.int32) >> 23
+  split = tabs["S"][e].astype(np.float64)
+  s = 2 * e + (y > split)
+  u = np.minimum(y * tabs["A"][s].astype(np.float64) + tabs["C"][s], tabs["H"][s])
+  at_split = np.abs(y - split) <= split * exact.SPLIT_TOL
+  assert at_split.sum() == 8  # 0.0 | seven decades | 1.0
+  assert np.abs(u - b)[~at_split].max() < exact.DELTA / 20
+  assert (np.abs(y - split) / split)[at_split].max() < exact.SPLIT_TOL / 20
 
 
 # -- kernel (interpret mode) vs reference ------------------------------------------------
 
 
 @functools.cache
-def _interpret_fn(case, write, has_p, max_rows=8, encode="segments", decode="table"):
-  flags = CASES[case][0]
-  cfg = kernel.KernelConfig(max_rows=max_rows, num_warps=4, encode=encode, decode=decode)
-  return jax.jit(functools.partial(api.update_8bit_interpret, family=_family(case), flags=flags,
-                                   write=write, config=cfg))
+def _interpret_fn(case, write, elems=1024, tiles=2):
+  cfg = kernel.KernelConfig(elems_per_program=elems, tiles_per_program=tiles)
+  return jax.jit(functools.partial(api.update_8bit_interpret, family=_family(case),
+                                   flags=CASES[case][0], write=write, config=cfg))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -190,22 +197,78 @@ def test_interpret_matches_reference(case):
   g, p, codes, absmax, maps = _inputs(case, n_blocks=16)
   hp = _hparams(case)
   write = "param" if case == "adam" else "update"
-  decode = "segments" if case in ("ademamix", "momentum") else "table"
-  got = _interpret_fn(case, write, True, decode=decode)(g, p, codes, absmax, maps, hp)
+  got = _interpret_fn(case, write)(g, p, codes, absmax, maps, hp)
   want = reference.update_8bit(g, p, codes, absmax, maps, hp, family=_family(case),
                                flags=CASES[case][0], write=write)
   _compare(case, got, want, _exact_states(case, g, codes, absmax, maps, hp))
 
 
-def test_interpret_without_params_bf16_and_odd_block_count():
-  # 7 blocks (rows per program falls to 1), bfloat16 gradient, no parameter input, the
-  # arithmetic encoder.
+def test_interpret_without_params_bf16_and_ragged_grid():
+  # 7 blocks in tiles of 4 blocks, 2 tiles per program: the last tile is masked; bfloat16
+  # gradient, no parameter input.
   g, _, codes, absmax, maps = _inputs("lion", n_blocks=7, dtype=jnp.bfloat16)
   hp = _hparams("lion", wd=0.0)
-  got = _interpret_fn("lion", "update", False, encode="arith")(g, None, codes, absmax, maps, hp)
+  got = _interpret_fn("lion", "update")(g, None, codes, absmax, maps, hp)
   want = reference.update_8bit(g, None, codes, absmax, maps, hp, family="lion")
   assert got[0].dtype == jnp.bfloat16
   _compare("lion", got, want, _exact_states("lion", g, codes, absmax, maps, hp))
+
+
+def _strict_inputs(n_blocks: int, seed: int = 0):
+  """Gradients whose new Adam/momentum states are computed exactly (``b1 = b2 = beta = 0``:
+  ``m = g``, ``v = g * g``, one rounding): each block holds +-1.0 (so the state scales by 1)
+  and signed-map midpoints, codes and their float32 neighbours, or random values."""
+  signed = codebooks.dynamic_map(True)
+  mids = (signed[1:] + signed[:-1]) * np.float32(0.5)
+  edges = np.concatenate([signed, *_ulps(mids, range(-3, 4))])
+  rng = np.random.default_rng(seed)
+  g = rng.normal(0, 0.3, n_blocks * 256).astype(np.float32)
+  g[:edges.size] = edges[:g.size]
+  g = g.reshape(n_blocks, 256)
+  g[:, 7] = np.where(np.arange(n_blocks) % 2, 1.0, -1.0)
+  g = np.clip(g, -1, 1)
+  g[-1] = 0.0  # an all-zero block
+  return jnp.asarray(g)
+
+
+def _strict_case(family):
+  if family == "adam":
+    hp = dict(b1=0.0, b2=0.0, omb1=1.0, omb2=1.0, eps=1e-8, eps_root=0.0, c1=1.0, c2=1.0,
+              c1_next=1.0)
+  else:
+    hp = dict(beta=0.0)
+  fam = families.FAMILIES[family]
+  vec = np.zeros(families.HP_SIZE, np.float32)
+  for name, value in dict(lr=1e-3, wd=0.0, gscale=1.0, **hp).items():
+    vec[families.hparam_index(fam, name)] = value
+  return fam, jnp.asarray(vec)
+
+
+def _assert_same_bytes(got, want):
+  for qk, qr in zip(got[1], want[1]):
+    np.testing.assert_array_equal(np.asarray(qk), np.asarray(qr))
+  for ak, ar in zip(got[2], want[2]):
+    np.testing.assert_array_equal(np.asarray(ak), np.asarray(ar))
+
+
+def _strict_run(family, n_blocks, fn):
+  fam, hp = _strict_case(family)
+  g = _strict_inputs(n_blocks)
+  codes = tuple(jnp.full(g.shape, 127 if s else 0, jnp.uint8) for s in fam.signed)
+  absmax = tuple(jnp.zeros(n_blocks, jnp.float32) for _ in fam.signed)
+  maps = tuple(SIGNED if s else UNSIGNED for s in fam.signed)
+  got = fn(family)(g, None, codes, absmax, maps, hp)
+  want = reference.update_8bit(g, None, codes, absmax, maps, hp, family=family)
+  _assert_same_bytes(got, want)
+  # The edge values did reach the encoder: many codes of the signed state are used.
+  assert np.unique(np.asarray(got[1][0])).size > 200
+
+
+@pytest.mark.parametrize("family", ["adam", "momentum"])
+def test_interpret_codes_are_reference_bytes(family):
+  cfg = kernel.KernelConfig(elems_per_program=2048, tiles_per_program=2)
+  _strict_run(family, 16, lambda f: jax.jit(functools.partial(
+      api.update_8bit_interpret, family=f, config=cfg)))
 
 
 def test_supports_routes_to_reference():
@@ -217,16 +280,17 @@ def test_supports_routes_to_reference():
                           maps, hp, family="adam")
   assert not api.supports(g, p, codes, absmax, maps, hp, family="adam", codebook="linear")
   with pytest.raises(NotImplementedError, match="max_unorm"):
-    kernel.update_8bit(g, p, codes, absmax, maps, hp, family="adam", max_unorm=1.0,
-                       interpret=True)
+    kernel.update_8bit(g.reshape(-1), p.reshape(-1), codes, absmax, maps, hp, family="adam",
+                       max_unorm=1.0, interpret=True)
   with pytest.raises(ValueError, match="write"):
     reference.update_8bit(g, p, codes, absmax, maps, hp, family="adam", write="params")
 
 
-def test_rows_per_program():
-  assert kernel.rows_per_program(262144, 16) == 16
-  assert kernel.rows_per_program(24, 16) == 8
-  assert kernel.rows_per_program(7, 16) == 1
+def test_kernel_config_rejects_bad_values():
+  with pytest.raises(ValueError, match="elems_per_program"):
+    kernel.KernelConfig(elems_per_program=300)
+  with pytest.raises(ValueError, match="tiles_per_program"):
+    kernel.KernelConfig(tiles_per_program=0)
 
 
 # -- compiled on the GPU ----------------------------------------------------------------------
@@ -249,16 +313,21 @@ def test_gpu_kernel_matches_reference(case, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("decode", ["arith", "table", "segments"])
-@pytest.mark.parametrize("encode, fast_log", [("segments", True), ("arith", True),
-                                              ("arith", False)])
-def test_gpu_kernel_configs(decode, encode, fast_log):
+@pytest.mark.parametrize("family", ["adam", "momentum"])
+@pytest.mark.parametrize("elems, tiles, warps", [(256, 1, 1), (1024, 4, 4), (4096, 2, 8)])
+def test_gpu_codes_are_reference_bytes(family, elems, tiles, warps):
+  cfg = kernel.KernelConfig(elems_per_program=elems, tiles_per_program=tiles, num_warps=warps)
+  _strict_run(family, 1000, lambda f: jax.jit(functools.partial(
+      api.update_8bit_pallas, family=f, config=cfg)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("elems, tiles, warps", [(256, 1, 1), (1024, 4, 4), (4096, 2, 8)])
+def test_gpu_kernel_configs(elems, tiles, warps):
   g, p, codes, absmax, maps = _inputs("ademamix", n_blocks=1000, seed=3)
   hp = _hparams("ademamix")
   want = reference.update_8bit(g, p, codes, absmax, maps, hp, family="ademamix", write="param")
-  for rows, warps in ((1, 1), (8, 4), (32, 8)):
-    cfg = kernel.KernelConfig(max_rows=rows, num_warps=warps, decode=decode, encode=encode,
-                              fast_log=fast_log)
-    got = jax.jit(functools.partial(api.update_8bit_pallas, family="ademamix", write="param",
-                                    config=cfg))(g, p, codes, absmax, maps, hp)
-    _compare("ademamix", got, want, _exact_states("ademamix", g, codes, absmax, maps, hp))
+  cfg = kernel.KernelConfig(elems_per_program=elems, tiles_per_program=tiles, num_warps=warps)
+  got = jax.jit(functools.partial(api.update_8bit_pallas, family="ademamix", write="param",
+                                  config=cfg))(g, p, codes, absmax, maps, hp)
+  _compare("ademamix", got, want, _exact_states("ademamix", g, codes, absmax, maps, hp))

@@ -1,0 +1,147 @@
+"""Exact nearest-code encoder for bitsandbytes' dynamic 8-bit maps, without a search.
+
+bitsandbytes (and ``blockwise_quant.reference.encode_8bit``) quantizes a scaled value ``x`` by a
+binary search over the sorted 256-entry map followed by a comparison with the float32 midpoints
+``fl((code[b - 1] + code[b]) * 0.5)``. The result is the number of midpoints below ``x``, a value
+exactly on a midpoint taking the even one of its two codes; NaN gives 0. Optimizer states add
+bitsandbytes' sign guard: with the signed map a negative value never takes the code of +0.
+
+This module computes the same byte arithmetically, in two steps:
+
+1. **Candidate.** The non-negative half of a map is a sequence of segments -- 0.0, seven
+   decades with ``n_i`` uniformly spaced codes each, 1.0 -- and inside the decade segment ``i``
+   the coordinate ``u = y * A_i + C_i`` puts code ``base_i + j`` at ``u = base_i + j + 0.5`` and
+   the midpoints at the integers, so ``floor(u)`` *is* the code index. The float32 exponent of
+   ``y = |x|`` selects an octave; an octave meets at most two segments, split at ``S[e]`` (the
+   midpoint between them, from the formula). Four lookups into small tables (``tables()``: ``S``
+   per exponent, ``A, C, H`` per exponent and side) and one fused multiply-add give ``u``;
+   ``floor`` is a float add with the ``1.5 * 2**23`` magic constant (no float-to-int conversion).
+2. **Exact tie-break.** The formula's codes differ from the stored map by a few ulp, so a value
+   within ``DELTA`` (in units of one code step) of a midpoint, or within ``2**-16`` (relative)
+   of a segment split, is decided against the map's own midpoint ``(code[b-1] + code[b]) * 0.5``
+   with the reference's rule. Those are the only lanes that read the map (a masked gather, see
+   ``midpoint``); everywhere else the candidate is already the reference's byte.
+
+Negative values use the mirrored index of ``|x|`` (the signed map is symmetric but for 1.0),
+clamped below the code of 0.0. The formula lands within ``1.3e-5`` code steps of the map's
+midpoints and ``1.1e-7`` (relative) of its splits, far inside both bands. The tests check byte
+equality with the binary search on every midpoint and its float32 neighbours, every code,
+segment splits, powers of two and ten, zeros, subnormals, infinities, NaN and random values.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["tables", "encode", "TABLE_NAMES", "DELTA", "SPLIT_TOL"]
+
+TABLE_NAMES = ("S", "A", "C", "H")
+DELTA = 2.0**-11  # half-width, in code steps, of the band around a midpoint decided exactly
+SPLIT_TOL = 2.0**-16  # relative half-width of the band around a segment split
+_MAGIC = 12582912.0  # 1.5 * 2**23: x + _MAGIC rounds x (|x| < 2**22) to an integer
+_MAGIC_BITS = 0x4B400000
+_NO_SPLIT = -1.0  # S of an octave inside one segment: every y >= 0 is "above" it
+
+
+def _segments(signed: bool) -> list[tuple[float, float, float, float]]:
+  """Per segment of the non-negative half: ``(start, A, C, H)`` with float64 values."""
+  extra = 0 if signed else 1
+  zero = 127 if signed else 0
+  segs = [(0.0, 0.0, zero + 0.25, zero + 0.25)]
+  prev_last = 0.0
+  for i in range(7):
+    n = 1 << (i + extra)
+    base = n + (127 if signed else -1)
+    p = 10.0 ** (i - 6)
+    first, last = p * (0.1 + 0.45 / n), p * (1.0 - 0.45 / n)
+    segs.append(((prev_last + first) / 2, n / (0.9 * p), base - n / 9, base + n - 0.75))
+    prev_last = last
+  # A tiny (not 0) so that y = inf gives u = inf, clamped to H, instead of inf * 0 = NaN.
+  segs.append(((prev_last + 1.0) / 2, 2.0**-100, 255.25, 255.3))
+  return segs
+
+
+@functools.cache
+def tables(signed: bool) -> dict[str, np.ndarray]:
+  """float32 tables of the encoder: ``S (256,)`` per biased exponent, ``A, C, H (512,)`` at
+  ``2 * exponent + (y > S)``."""
+  segs = _segments(signed)
+  starts = [s[0] for s in segs]
+  split = np.full(256, _NO_SPLIT)
+  coef = np.zeros((3, 512))
+  for e in range(256):
+    low = 0.0 if e == 0 else 2.0 ** (e - 127)
+    high = 2.0 ** (e - 126) if e < 255 else np.inf
+    seg = max(k for k, s in enumerate(starts) if s <= low)
+    inside = [k for k, s in enumerate(starts) if low < s < high]
+    if len(inside) > 1:
+      raise AssertionError(f"exponent {e} meets more than two segments")
+    upper = inside[0] if inside else seg
+    if inside:
+      split[e] = starts[upper]
+    coef[:, 2 * e] = segs[seg][1:]
+    coef[:, 2 * e + 1] = segs[upper][1:]
+  f32 = lambda v: np.ascontiguousarray(v, np.float32)  # noqa: E731
+  return {"S": f32(split), "A": f32(coef[0]), "C": f32(coef[1]), "H": f32(coef[2])}
+
+
+Lookup = Callable[[str, jax.Array], jax.Array]
+Midpoint = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def encode(x: jax.Array, signed: bool, lookup: Lookup, midpoint: Midpoint) -> jax.Array:
+  """The reference's code (int32 in 0..255) of ``x`` (float32, any shape).
+
+  Args:
+    x: values scaled to the map's range (any float32, including inf and NaN).
+    signed: signed map (with the sign guard) or unsigned.
+    lookup: ``lookup(name, index)`` reads table ``name`` of :func:`tables` at an int32 array.
+    midpoint: ``midpoint(b, mask)`` returns ``(code[b - 1] + code[b]) * 0.5`` in float32
+      where ``mask`` holds (``b`` in 1..255), anything elsewhere: a masked gather from the map
+      inside a kernel, a plain one under XLA.
+  """
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  y_bits = bits & 0x7FFFFFFF
+  y = jax.lax.bitcast_convert_type(y_bits, jnp.float32)
+  e = y_bits >> 23
+  split = lookup("S", e)
+  above = y > split
+  s = e * 2 + above.astype(jnp.int32)
+  h = lookup("H", s)
+  u = jnp.minimum(y * lookup("A", s) + lookup("C", s), h)
+  t = u + jnp.float32(_MAGIC)
+  rounded = t - jnp.float32(_MAGIC)
+  b = jax.lax.bitcast_convert_type(t, jnp.int32) - _MAGIC_BITS
+  idx = b - (u < rounded).astype(jnp.int32)
+  near = (jnp.abs(u - rounded) < jnp.float32(DELTA)) | (
+      jnp.abs(y - split) <= split * jnp.float32(SPLIT_TOL))
+  # Clamped below a split, u sits at H = (next segment's base) - 0.75: the midpoint is one up.
+  b = jnp.clip(b + (u >= h).astype(jnp.int32), 1, 255)
+  mid = midpoint(b, near)
+  below = (y < mid) | ((y == mid) & ((b & 1) == 1))
+  idx = jnp.where(near, b - below.astype(jnp.int32), idx)
+  # Signs and NaN from the bits (IEEE semantics whatever the platform's subnormal mode):
+  # -0.0 is not negative, a negative subnormal is.
+  negative = (bits < 0) & (y_bits != 0)
+  if signed:
+    idx = jnp.where(negative, jnp.maximum(254 - jnp.maximum(idx, 128), 0), idx)
+  else:
+    idx = jnp.where(negative, 0, idx)
+  return jnp.where(y_bits > 0x7F800000, 0, idx)
+
+
+def xla_encode(x: jax.Array, code: jax.Array, signed: bool) -> jax.Array:
+  """:func:`encode` with XLA gathers (tables as constants, midpoints from ``code``)."""
+  tabs = {k: jnp.asarray(v) for k, v in tables(signed).items()}
+  code = code.astype(jnp.float32)
+
+  def midpoint(b, mask):
+    del mask
+    return (code[b - 1] + code[b]) * jnp.float32(0.5)
+
+  return encode(x, signed, lambda name, i: tabs[name][i], midpoint)
