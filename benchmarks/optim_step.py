@@ -8,12 +8,16 @@ Measured in one run, on the same device (median step time, state bytes per param
   parameters) and through the plain Optax path (``update`` + ``apply_updates``).
 * the same with ``offload=True`` (state in ``pinned_host``, streamed leaf by leaf), beside the
   host-link floor: the state bytes moved each way divided by the measured host<->device
-  bandwidth (the link is full duplex, so the floor is the slower direction).
-* the kernel alone on one 8192^2 leaf for a few launch configurations (the best one is used).
+  bandwidth (the link is full duplex, so the floor is the slower direction). The link section
+  also times both directions at once inside one program (do they overlap?). Device memory
+  during the offloaded step: XLA's own peak of the compiled step, its temporaries (state
+  staged on the device) and the runtime's peak counter (the offload section runs first).
+* the kernel alone on one 8192^2 leaf for a few launch configurations (the best one is used),
+  beside an I/O-only kernel with the same loads and stores (the roofline of this access
+  pattern) and the XLA reference. Per-call time of back-to-back calls.
 
-The offload section runs first so the device's peak-memory counter reflects it.
-
-Usage: ``python benchmarks/optim_step.py [--leaves 16] [--dim 8192] [--out results.json]``.
+Usage: ``python benchmarks/optim_step.py [--leaves 16] [--dim 8192] [--out results.json]
+[--sections sweep,link,offload,fused,plain,optax] [--prefetch 1,none]``.
 """
 
 from __future__ import annotations
@@ -31,13 +35,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import pallas as pl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._timing import report_env  # noqa: E402
 import jaxquant.optim as jo  # noqa: E402
 import pallas_kernels  # noqa: E402
-from jaxquant.optim import _state  # noqa: E402
+from jaxquant.optim import _offload, _state  # noqa: E402
+from pallas_kernels.blockwise_quant import _common  # noqa: E402
 from pallas_kernels.optim_update import families, kernel  # noqa: E402
 
 HBM_TBPS = 3.0  # TARGETS.md ceiling, bytes read + written
@@ -61,6 +67,21 @@ def _median_ms(fn, carry, steps: int, warmup: int):
   return statistics.median(times), min(times), carry
 
 
+def _back_to_back_ms(fn, carry, calls: int, reps: int = 5):
+  """Median over ``reps`` of (wall time of ``calls`` chained calls, not waited for in between)
+  / ``calls``: the device time per call."""
+  carry = fn(carry)
+  _block(carry)
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      carry = fn(carry)
+    _block(carry)
+    times.append((time.perf_counter() - t0) * 1e3 / calls)
+  return statistics.median(times), min(times)
+
+
 def _params(leaves: int, dim: int, seed: int, scale: float):
   keys = jax.random.split(jax.random.key(seed), leaves)
   make = jax.jit(lambda k: scale * jax.random.normal(k, (dim, dim), jnp.float32))
@@ -77,25 +98,24 @@ def _memory_analysis(compiled) -> dict:
   return {k: int(getattr(ma, k)) for k in keys}
 
 
-def _peak_bytes() -> int | None:
+def _stat(name: str) -> int | None:
   stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("peak_bytes_in_use")
-
-
-def _in_use() -> int | None:
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("bytes_in_use")
+  return stats.get(name)
 
 
 def host_link(nbytes: int, reps: int = 5) -> dict:
-  """Host<->device bandwidth for ``nbytes`` with ``jax.device_put`` between memory kinds."""
+  """Host<->device bandwidth for ``nbytes`` with ``jax.device_put`` between memory kinds, each
+  direction alone and both at once inside one jitted program."""
   dev = jax.devices()[0]
   host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
   devs = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
   x_dev = jnp.ones((nbytes,), jnp.uint8)
   x_host = jax.device_put(x_dev, host)
   _block((x_dev, x_host))
-  h2d, d2h = [], []
+  both = jax.jit(lambda h, d: (jax.device_put(h, jax.memory.Space.Device),
+                               jax.device_put(d, jax.memory.Space.Host)))
+  _block(both(x_host, x_dev))
+  h2d, d2h, duplex = [], [], []
   for _ in range(reps):
     t0 = time.perf_counter()
     y = jax.device_put(x_host, devs)
@@ -106,10 +126,14 @@ def host_link(nbytes: int, reps: int = 5) -> dict:
     z.block_until_ready()
     d2h.append(time.perf_counter() - t0)
     del y, z
+    t0 = time.perf_counter()
+    _block(both(x_host, x_dev))
+    duplex.append(time.perf_counter() - t0)
   del x_dev, x_host
-  h2d_s, d2h_s = statistics.median(h2d), statistics.median(d2h)
+  h2d_s, d2h_s, both_s = (statistics.median(v) for v in (h2d, d2h, duplex))
   return {"bytes": nbytes, "h2d_ms": h2d_s * 1e3, "d2h_ms": d2h_s * 1e3,
           "h2d_gbps": nbytes / h2d_s / 1e9, "d2h_gbps": nbytes / d2h_s / 1e9,
+          "both_directions_in_one_jit_ms": both_s * 1e3,
           "floor_ms": max(h2d_s, d2h_s) * 1e3}
 
 
@@ -120,62 +144,102 @@ def hbm_copy_tbps(n: int = 1 << 30) -> float:
   return 2 * 4 * n / (t * 1e-3) / 1e12
 
 
-def kernel_sweep(dim: int, configs) -> list[dict]:
-  """The fused AdamW kernel alone on one ``dim x dim`` leaf, per launch configuration."""
-  key = jax.random.key(3)
-  g = 1e-3 * jax.random.normal(key, (dim * dim // 256, 256), jnp.float32)
+def _adam_leaf(dim: int):
+  g = 1e-3 * jax.random.normal(jax.random.key(3), (dim * dim,), jnp.float32)
   p = 0.02 * jax.random.normal(jax.random.key(4), g.shape, jnp.float32)
   m = _state.zeros_8bit(p, True, 256)
   v = _state.zeros_8bit(p, False, 256)
-  codes = (m.data, v.data)
+  codes = (m.data.reshape(-1), v.data.reshape(-1))
   absmax = (m.absmax.reshape(-1), v.absmax.reshape(-1))
-  maps = (m.code, v.code)
   fam = families.FAMILIES["adam"]
   hp = np.zeros(families.HP_SIZE, np.float32)
   for name, val in dict(lr=1e-3, wd=1e-4, gscale=1.0, b1=0.9, b2=0.999, omb1=0.1, omb2=1e-3,
-                        eps=1e-8,
-                        c1=10.0, c2=1000.0, c1_next=5.0).items():
+                        eps=1e-8, c1=10.0, c2=1000.0, c1_next=5.0).items():
     hp[families.hparam_index(fam, name)] = val
-  hp = jnp.asarray(hp)
+  return g, p, codes, absmax, (m.code, v.code), jnp.asarray(hp)
+
+
+def _io_kernel(g_ref, p_ref, q1_ref, q2_ref, a1_ref, a2_ref, po_ref, q1o_ref, q2o_ref,
+               a1o_ref, a2o_ref, *, prog):
+  """The fused kernel's loads and stores with next to no arithmetic (the roofline)."""
+  tile = lambda ref: lambda t: _common.load_tile(ref, prog, t, prog.elems, prog.n)  # noqa
+  row = lambda ref: lambda t: _common.load_tile(ref, prog, t, prog.rows, prog.n_blocks)  # noqa
+
+  def process(t, g, p, q1, q2, a1, a2):
+    _common.store_tile(po_ref, p + g, prog, t, prog.n)
+    _common.store_tile(q1o_ref, q1 + 1, prog, t, prog.n)
+    _common.store_tile(q2o_ref, q2 + 1, prog, t, prog.n)
+    _common.store_tile(a1o_ref, a1 * 2, prog, t, prog.n_blocks)
+    _common.store_tile(a2o_ref, a2 * 2, prog, t, prog.n_blocks)
+
+  prog.for_each_tile([tile(g_ref), tile(p_ref), tile(q1_ref), tile(q2_ref), row(a1_ref),
+                      row(a2_ref)], process)
+
+
+def io_only(cfg: kernel.KernelConfig):
+  launch = cfg.launch()
+
+  def fn(g, p, codes, absmax, maps, hp):
+    del maps, hp
+    prog = _common.Program.make(g.size, 256, launch)
+    e, r = prog.spec(prog.elems), prog.spec(prog.rows)
+    outs = pl.pallas_call(
+        functools.partial(_io_kernel, prog=prog),
+        out_shape=[jax.ShapeDtypeStruct(g.shape, jnp.float32)]
+        + [jax.ShapeDtypeStruct(g.shape, jnp.uint8)] * 2
+        + [jax.ShapeDtypeStruct(absmax[0].shape, jnp.float32)] * 2,
+        grid=prog.grid, in_specs=[e, e, e, e, r, r], out_specs=[e, e, e, r, r],
+        input_output_aliases={1: 0, 2: 1, 3: 2, 4: 3, 5: 4},
+        compiler_params=_common.compiler_params(launch), name="io_only")(
+            g, p, *codes, *absmax)
+    return outs[0], tuple(outs[1:3]), tuple(outs[3:])
+
+  return fn
+
+
+def kernel_sweep(dim: int, configs) -> list[dict]:
+  """The fused AdamW kernel alone on one ``dim x dim`` leaf, per launch configuration, with
+  the I/O-only kernel and the XLA reference."""
+  g, p, codes, absmax, maps, hp = _adam_leaf(dim)
   n = g.size
+  gbytes = n * (4 + 4 + 4 + 2 + 2) + 4 * 4 * (n // 256)
   out = []
-  impls = [("pallas", c) for c in configs] + [("xla", None)]
-  for impl, cfg in impls:
-    label = "xla reference" if cfg is None else (
-        f"decode={cfg.decode} encode={cfg.encode} rows={cfg.max_rows} warps={cfg.num_warps}")
+  runs = [("pallas", c) for c in configs] + [("io_only", configs[0]), ("xla", None)]
+  for impl, cfg in runs:
+    label = impl if cfg is None else f"{impl} {cfg}"
     try:
       kw = dict(family="adam", write="param", codebook="dynamic")
-      if cfg is not None:
-        kw["config"] = cfg
+      if impl == "io_only":
+        raw = io_only(cfg)
+      else:
+        raw = functools.partial(pallas_kernels.get("optim_update_8bit", impl).fn, **kw,
+                                **({"config": cfg} if cfg is not None else {}))
       # Parameter and state donated, as in a training step (the kernel updates them in place).
-      fn = jax.jit(functools.partial(pallas_kernels.get("optim_update_8bit", impl).fn, **kw),
-                   donate_argnums=(1, 2, 3))
-
-      def step(c, fn=fn):
-        pp, cc, aa = c
-        return fn(g, pp, cc, aa, maps, hp)
-
+      fn = jax.jit(lambda pp, cc, aa, raw=raw: raw(g, pp, cc, aa, maps, hp),
+                   donate_argnums=(0, 1, 2))
       start = (p + 0, tuple(c + 0 for c in codes), tuple(a + 0 for a in absmax))
-      t, tmin, _ = _median_ms(step, start, steps=10 if cfg else 3, warmup=2)
-      gbytes = n * (4 + 4 + 4 + 2 + 2) + 4 * 4 * (n // 256)
-      out.append({"config": label, "median_ms": t, "min_ms": tmin,
-                  "tbps": gbytes / (t * 1e-3) / 1e12, "cfg": None if cfg is None else
-                  dict(max_rows=cfg.max_rows, num_warps=cfg.num_warps, decode=cfg.decode,
-                       encode=cfg.encode, fast_log=cfg.fast_log)})
+      t, tmin = _back_to_back_ms(lambda c, fn=fn: fn(*c), start, calls=16 if cfg else 2,
+                                 reps=5 if cfg else 2)
+      out.append({"impl": impl, "config": label, "median_ms": t, "min_ms": tmin,
+                  "tbps": gbytes / (t * 1e-3) / 1e12,
+                  "cfg": None if cfg is None or impl != "pallas" else dict(
+                      elems_per_program=cfg.elems_per_program,
+                      tiles_per_program=cfg.tiles_per_program, num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages)})
     except Exception as e:  # noqa: BLE001  (report every configuration)
-      out.append({"config": label, "error": f"{type(e).__name__}: {e}"[:600]})
+      out.append({"impl": impl, "config": label, "error": f"{type(e).__name__}: {e}"[:600]})
     print(out[-1], flush=True)
   return out
 
 
 def run_adamw8bit(params, grads, n_params, *, fused: bool, config, offload=False,
-                  chunk=1 << 22, steps=20, warmup=3) -> dict:
+                  chunk=None, steps=20, warmup=3) -> dict:
   tx = jo.adamw8bit(1e-3, weight_decay=1e-4, kernel_config=config, offload=offload,
                     offload_chunk=chunk)
-  in_use0 = _in_use()
+  in_use0 = _stat("bytes_in_use")
   state = tx.init(params)
   _block(state)
-  in_use1 = _in_use()
+  in_use1 = _stat("bytes_in_use")
   kinds = jo.memory_kinds(state)
   if fused:
     step = jax.jit(lambda p, g, s: jo.update_and_apply(tx, g, s, p),
@@ -195,7 +259,8 @@ def run_adamw8bit(params, grads, n_params, *, fused: bool, config, offload=False
          "device_state_bytes_per_param": device_state / n_params,
          "state_memory_kinds_after_init": kinds, "memory_analysis": mem,
          "device_bytes_in_use_delta_from_init": (None if in_use0 is None else in_use1 - in_use0),
-         "peak_bytes_in_use": _peak_bytes(), "steps": steps}
+         "device_bytes_in_use_before_init": in_use0,
+         "peak_bytes_in_use": _stat("peak_bytes_in_use"), "steps": steps}
   return res, params
 
 
@@ -216,15 +281,26 @@ def run_optax_adamw(params, grads, n_params, steps=20, warmup=3) -> dict:
   return res, params
 
 
+SWEEP = [kernel.KernelConfig(elems_per_program=e, tiles_per_program=t, num_warps=w)
+         for e, t, w in ((512, 1, 2), (1024, 1, 4), (1024, 4, 4), (2048, 2, 4), (2048, 4, 8),
+                         (4096, 2, 8), (1024, 8, 4), (512, 8, 2))]
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--leaves", type=int, default=16)
   ap.add_argument("--dim", type=int, default=8192)
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                 "optim_step.json"))
-  ap.add_argument("--skip-offload", action="store_true")
+  ap.add_argument("--sections", default="sweep,link,offload,fused,plain,optax")
+  ap.add_argument("--prefetch", default="1",
+                  help="offload prefetch depths to run, e.g. '1,none' ('none': XLA's order)")
+  ap.add_argument("--no-sweep-configs", action="store_true",
+                  help="sweep only the default configuration (with io-only and xla)")
   args = ap.parse_args()
-  results: dict = {"env": report_env(), "shape": f"{args.leaves} x {args.dim}^2 float32"}
+  sections = set(args.sections.split(","))
+  results: dict = {"env": report_env(), "shape": f"{args.leaves} x {args.dim}^2 float32",
+                   "argv": sys.argv[1:]}
 
   def save():
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -244,39 +320,43 @@ def main() -> None:
 
   n_params = args.leaves * args.dim * args.dim
   results["n_params"] = n_params
-  params = _params(args.leaves, args.dim, 0, 0.02)
-  grads = _params(args.leaves, args.dim, 1, 1e-3)
   state_bytes = 2 * n_params + 2 * 4 * (n_params // 256)  # codes + absmax of mu and nu
-
-  configs = [kernel.KernelConfig(max_rows=r, num_warps=w, decode=d, encode="segments")
-             for d in ("table", "segments") for r, w in ((1, 2), (2, 2), (2, 4), (4, 4))]
-  configs += [kernel.KernelConfig(max_rows=2, num_warps=2, encode="arith", fast_log=True)]
   best = {"cfg": None}
 
-  def sweep():
-    rows = kernel_sweep(args.dim, configs)
-    ok = [r for r in rows if "median_ms" in r and r["cfg"] is not None]
-    if ok:
-      best["cfg"] = min(ok, key=lambda r: r["median_ms"])["cfg"]
-    return {"runs": rows, "best": best["cfg"]}
-
-  section("kernel_sweep_one_leaf", sweep)
+  if "sweep" in sections:
+    def sweep():
+      rows = kernel_sweep(args.dim, [kernel.DEFAULT_CONFIG] if args.no_sweep_configs
+                          else [kernel.DEFAULT_CONFIG] + SWEEP)
+      ok = [r for r in rows if "median_ms" in r and r["cfg"] is not None]
+      if ok:
+        best["cfg"] = min(ok, key=lambda r: r["median_ms"])["cfg"]
+      return {"runs": rows, "best": best["cfg"]}
+    section("kernel_sweep_one_leaf", sweep)
   cfg = kernel.KernelConfig(**best["cfg"]) if best["cfg"] else None
+  results["config_used"] = str(cfg or kernel.DEFAULT_CONFIG)
 
-  if not args.skip_offload:
+  params = _params(args.leaves, args.dim, 0, 0.02)
+  grads = _params(args.leaves, args.dim, 1, 1e-3)
+  if "link" in sections or "offload" in sections:
     section("host_link", lambda: host_link(state_bytes))
-    for chunk in (None,):
-      def off(chunk=chunk):
+  if "offload" in sections:
+    for depth in args.prefetch.split(","):
+      def off(depth=depth):
         nonlocal params
-        res, params = run_adamw8bit(params, grads, n_params, fused=True, config=cfg,
-                                    offload=True, chunk=chunk, steps=5, warmup=2)
+        _offload.PREFETCH = None if depth == "none" else int(depth)
+        try:
+          res, params = run_adamw8bit(params, grads, n_params, fused=True, config=cfg,
+                                      offload=True, steps=5, warmup=2)
+        finally:
+          _offload.PREFETCH = 1
         link = results.get("host_link", {})
         if "floor_ms" in link:
           floor = link["floor_ms"]  # the whole state in one direction, the slower one
           res["host_link_floor_ms"] = floor
           res["ratio_to_floor"] = res["median_ms"] / floor
+        res["device_bytes_of_params_and_grads"] = 2 * 4 * n_params
         return res
-      section(f"adamw8bit_offload_chunk_{chunk}", off)
+      section(f"adamw8bit_offload_prefetch_{depth}", off)
 
   def fused():
     nonlocal params
@@ -294,9 +374,10 @@ def main() -> None:
     return res
 
   section("hbm_copy_tbps", hbm_copy_tbps)
-  section("adamw8bit_fused", fused)
-  section("adamw8bit_update_plus_apply", plain)
-  section("optax_adamw_fp32", baseline)
+  for name, fn in (("fused", fused), ("plain", plain), ("optax", baseline)):
+    if name in sections:
+      section({"fused": "adamw8bit_fused", "plain": "adamw8bit_update_plus_apply",
+               "optax": "optax_adamw_fp32"}[name], fn)
   floor_bytes = n_params * (4 + 4 + 4 + 2 + 2) + n_params // 256 * 4 * 4
   results["floor_8bit_ms_at_3TBps"] = floor_bytes / (HBM_TBPS * 1e12) * 1e3
   save()

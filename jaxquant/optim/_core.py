@@ -125,13 +125,15 @@ def _wd_leaves(spec: Spec, treedef, params: Any, n: int) -> list[bool]:
   return [bool(m) for m in treedef.flatten_up_to(mask)]
 
 
-def _leaf_update(spec: Spec, g, p, moments, hp, write: str):
-  """One leaf: ``(out, new_moments)``. With ``offload``, 8-bit moments arrive in host memory
-  and are streamed in chunks (``_offload.stream_blocks``); float32 ones are moved whole."""
+def _leaf_update(spec: Spec, g, p, moments, hp, write: str, on_host: bool):
+  """One leaf: ``(out, new_moments)``. With ``offload`` the new moments go back to host memory;
+  the moments arrive on the device (``on_host=False``, see ``_offload.LeafStream``) or, with
+  ``offload_chunk``, in host memory and 8-bit ones are streamed in chunks
+  (``_offload.stream_blocks``)."""
   opts = spec.options
   kwargs = dict(family=spec.family, flags=spec.flags, write=write, max_unorm=opts.max_unorm)
   if not _state.is_quant_state(moments[0]):
-    if opts.offload:
+    if on_host:
       moments = _offload.to_device(moments)
     out, new = _dispatch.call("optim_update_fp32", opts.backend, g, p, tuple(moments), hp,
                               **kwargs)
@@ -139,7 +141,7 @@ def _leaf_update(spec: Spec, g, p, moments, hp, write: str):
   if opts.kernel_config is not None:
     kwargs["config"] = opts.kernel_config
   maps = tuple(m.code for m in moments)
-  if opts.offload:
+  if on_host:
     maps = _offload.to_device(maps)
 
   def update_blocks(gb, pb, codes, absmax):
@@ -154,7 +156,7 @@ def _leaf_update(spec: Spec, g, p, moments, hp, write: str):
   codes = tuple(_state.to_blocks(m.data, bs) for m in moments)
   absmax = tuple(m.absmax.reshape(gb.shape[:-1]) for m in moments)
   n_blocks = gb.size // bs
-  chunks = _offload.n_chunks(n_blocks, bs, opts.offload_chunk) if opts.offload else 1
+  chunks = _offload.n_chunks(n_blocks, bs, opts.offload_chunk) if on_host else 1
   if chunks > 1 and opts.max_unorm == 0:
     flat = lambda x: None if x is None else x.reshape(n_blocks, -1)  # noqa: E731
     out, new_codes, new_absmax = _offload.stream_blocks(
@@ -163,7 +165,7 @@ def _leaf_update(spec: Spec, g, p, moments, hp, write: str):
     out = out.reshape(gb.shape)
     new_codes = tuple(q.reshape(gb.shape) for q in new_codes)
   else:
-    if opts.offload:
+    if on_host:
       codes, absmax = _offload.to_device((codes, absmax))
     out, new_codes, new_absmax = update_blocks(gb, pb, codes, absmax)
     if opts.offload:
@@ -218,8 +220,15 @@ def _run(spec: Spec, grads: Any, state: NamedTuple, params: Any, write: str):
                   else [None] * n)
   wd_on = _wd_leaves(spec, treedef, params, n) if needs_p else [True] * n
   outs, new_fields, new_gnorm = [], [], []
+  # Offloaded state without chunking comes to the device leaf by leaf, a bounded number of
+  # leaves ahead of its update (double buffering, see _offload.LeafStream).
+  stream = None
+  if opts.offload and opts.offload_chunk is None:
+    stream = _offload.LeafStream([tuple(leaves[i] for leaves in field_leaves)
+                                  for i in range(n)])
   for i, g in enumerate(g_leaves):
-    moments = tuple(leaves[i] for leaves in field_leaves)
+    moments = (stream.get(i) if stream is not None
+               else tuple(leaves[i] for leaves in field_leaves))
     hist = gnorm_leaves[i]
     if opts.offload and hist is not None:
       hist = _offload.to_device(hist)
@@ -229,7 +238,13 @@ def _run(spec: Spec, grads: Any, state: NamedTuple, params: Any, write: str):
       hp_i = hp_i.at[families.GSCALE].set(scale)
       if opts.offload:
         hist = _offload.to_host(hist)
-    out, new = _leaf_update(spec, g, p_leaves[i], moments, hp_i, write)
+    out, new = _leaf_update(spec, g, p_leaves[i], moments, hp_i, write,
+                            on_host=opts.offload and stream is None)
+    if stream is not None:
+      stream.done(i, out)
+      # The maps stay where they were (host): only data and absmax came back from the device.
+      new = tuple(m.replace(code=h.code) if _state.is_quant_state(m) else m
+                  for m, h in zip(new, (leaves[i] for leaves in field_leaves)))
     outs.append(out)
     new_fields.append(new)
     new_gnorm.append(hist)

@@ -33,10 +33,12 @@ import jax.numpy as jnp
 import optax
 
 __all__ = ["to_host", "to_device", "host_memory_supported", "offload_state", "memory_kinds",
-           "n_chunks", "stream_blocks"]
+           "n_chunks", "stream_blocks", "LeafStream", "PREFETCH"]
 
 HOST_KIND = "pinned_host"
 _MAX_CHUNKS = 4096
+# Leaves of state copied in ahead of the update that needs them (see LeafStream).
+PREFETCH: int | None = 1
 
 
 @functools.cache
@@ -131,6 +133,51 @@ def stream_blocks(update: Callable, gb: jax.Array, pb: jax.Array | None,
   _, (out, new_codes, new_absmax) = jax.lax.scan(body, (jnp.int32(0), fetch(0)), xs)
   return (out.reshape(gb.shape), tuple(c.reshape(n_blocks, -1) for c in new_codes),
           tuple(a.reshape(n_blocks) for a in new_absmax))
+
+
+class LeafStream:
+  """Host-resident per-leaf state brought to the device in program order, a bounded number of
+  leaves ahead of the update that needs it.
+
+  XLA alone starts every host-to-device copy at the top of the program (nothing limits them), so
+  the whole state lands on the device before the first update and the step runs the two link
+  directions one after the other. Here the copy of leaf ``j`` goes through an
+  ``optimization_barrier`` with the output of leaf ``j - 1 - prefetch``: it cannot start before
+  that update is done. With ``prefetch=1`` (double buffering), leaf ``i + 1`` comes in while
+  leaf ``i`` is updated and leaf ``i - 1``'s new state goes out, so the device holds about
+  three leaves of state and both link directions are busy at once.
+
+  Args:
+    items: per leaf, a pytree of host arrays (the leaf's state).
+    prefetch: leaves fetched ahead of the one being updated; ``None`` adds no ordering (XLA's
+      schedule).
+  """
+
+  def __init__(self, items: list[Any], prefetch: int | None = PREFETCH):
+    self._items = items
+    self._prefetch = prefetch
+    self._fetched: dict[int, Any] = {}
+    self._done: dict[int, Any] = {}
+
+  def _fetch(self, j: int) -> None:
+    if j >= len(self._items) or j in self._fetched:
+      return
+    item = self._items[j]
+    gate = None if self._prefetch is None else self._done.get(j - 1 - self._prefetch)
+    if gate is not None:
+      item, _ = jax.lax.optimization_barrier((item, gate))
+    self._fetched[j] = to_device(item)
+
+  def get(self, i: int) -> Any:
+    """Leaf ``i``'s state on the device (and the next leaves' copies issued)."""
+    self._fetch(i)
+    for j in range(i + 1, i + 1 + (self._prefetch or 0)):
+      self._fetch(j)
+    return self._fetched.pop(i)
+
+  def done(self, i: int, output: Any) -> None:
+    """Record an output of leaf ``i``'s update: later copies wait for it."""
+    self._done[i] = output
 
 
 def offload_state(tx: optax.GradientTransformation, *,
