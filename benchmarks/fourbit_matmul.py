@@ -42,41 +42,44 @@ TARGET_RATIO = {512: 1.10, 4096: 1.05, "w2": 1.10}
 
 
 def candidates(m: int) -> list[Config]:
-  """Forward kernels tried per M bucket (8192×8192, blocksize 64, bf16)."""
-  def g(bm, bn, bk, lhs=False, s=1, w=4, st=4):
+  """Forward kernels tried per M bucket (8192×8192, blocksize 64, bf16): the even/odd pair
+  decode (``pairs``) in the tilings that came out best in a first H100 sweep (2026-11-23:
+  gemv ``block_n`` 4-32, ``block_k`` 256-1024, 1-3 stages; gemm split-K 2-8, either operand
+  order), and the best tilings of the generic decode."""
+  def g(bm, bn, bk, lhs=False, s=1, w=4, st=4, p=True):
     return Config("gemm", block_m=bm, block_n=bn, block_k=bk, w_lhs=lhs, split_k=s,
-                  num_warps=w, num_stages=st)
+                  num_warps=w, num_stages=st, pairs=p)
 
-  def v(bn, bk, s=1, w=4, st=1):
-    return Config("gemv", block_n=bn, block_k=bk, split_k=s, num_warps=w, num_stages=st)
+  def v(bn, bk, s=1, w=4, st=1, p=True):
+    return Config("gemv", block_n=bn, block_k=bk, split_k=s, num_warps=w, num_stages=st,
+                  pairs=p)
 
   dq = [Config("dq_dot", block_n=bn, block_k=bk, num_warps=w, num_stages=1)
-        for bn, bk, w in ((64, 128, 4), (64, 256, 4), (128, 256, 8), (32, 512, 4), (16, 1024, 4))]
+        for bn, bk, w in ((32, 512, 4), (64, 128, 4))]
   if m <= 8:
-    return [v(32, 512), v(16, 512, 2), v(8, 1024), v(16, 256, st=3), v(64, 512, w=8),
-            v(32, 256, 2), v(16, 1024, 4), v(64, 256, 4, w=8), g(16, 64, 128, s=4),
-            g(16, 64, 128, s=8), g(16, 32, 512, True, s=4, st=3), g(16, 128, 128, s=8)]
+    return [v(4, 1024), v(4, 1024, st=2), v(4, 1024, st=3), v(4, 2048, st=2), v(2, 2048, st=2),
+            v(2, 1024, st=3), v(4, 512, st=3), v(4, 1024, w=2, st=3), v(4, 2048, w=8, st=2),
+            v(8, 1024, st=3), v(4, 1024, s=2, st=3), v(8, 512, st=3), v(8, 1024, p=False)]
   if m <= 16:
-    return [g(16, 64, 128, s=2), g(16, 64, 128, s=4), g(16, 64, 128, s=8), g(16, 32, 128, s=4),
-            g(16, 32, 512, True, s=2, st=3), g(16, 32, 512, True, s=4, st=3),
-            g(16, 128, 128, s=4), g(16, 64, 256, s=4, st=3), g(16, 64, 64, s=8)]
+    return [g(16, 64, 128, True, s=4, st=3), g(16, 64, 128, True, s=8, st=3),
+            g(16, 64, 128, True, s=2, st=3), g(16, 64, 256, True, s=4, st=3),
+            g(16, 64, 64, True, s=8, st=3), g(16, 128, 128, True, s=4, w=8, st=3),
+            g(16, 64, 128, True, s=4, st=4), g(16, 64, 128, True, s=4, st=2),
+            g(16, 64, 128, s=8, p=False)]
   if m <= 128:
-    return [g(128, 64, 64, s=2), g(128, 64, 64, s=4), g(64, 64, 128, True, s=2),
-            g(64, 64, 128, True, s=4), g(128, 128, 64, s=4, w=8, st=3), g(128, 32, 64, s=2),
-            g(64, 64, 64, s=4), g(128, 64, 128, s=4, st=3)] + dq[:2]
+    return [g(128, 128, 64, s=4, w=8, st=3, p=False), g(128, 128, 64, s=2, w=8, st=3, p=False),
+            g(128, 128, 64, s=4, w=8, st=3)]
   if m <= 512:
-    return [g(128, 128, 64, w=8, st=3), g(128, 128, 64, s=2, w=8, st=3),
-            g(128, 64, 64, s=2), g(128, 64, 64)] + dq
+    return [g(128, 128, 64, w=8, st=3, p=False), g(128, 128, 64, w=8, st=3)] + dq
   return [g(128, 128, 64, w=8, st=3)] + dq
 
 
 def grad_candidates(m: int) -> list[Config]:
   del m
   g = lambda **kw: Config("gemm", **kw)  # noqa: E731
-  return ([g(block_m=128, block_n=64, block_k=128, num_warps=8, num_stages=3),
-           g(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=4)]
+  return ([g(block_m=128, block_n=64, block_k=128, num_warps=8, num_stages=3)]
           + [Config("dq_dot", block_n=bn, block_k=bk, num_warps=w, num_stages=1)
-             for bn, bk, w in ((64, 128, 4), (64, 256, 4), (128, 256, 8), (32, 512, 4))])
+             for bn, bk, w in ((64, 128, 4), (32, 512, 4))])
 
 
 def time_layers(fn, *args, reps: int = 15, min_rep_s: float = 0.004) -> float:
@@ -148,10 +151,18 @@ def main(argv=None) -> int:
   parser.add_argument("--tune", action="store_true")
   parser.add_argument("--tune-budget-s", type=float, default=45.0, help="per shape and op")
   parser.add_argument("--dry-run", action="store_true", help="tiny shapes (plumbing check)")
+  parser.add_argument("--ms", type=str, default=None,
+                      help="comma-separated subset of M (quick experiments; default: all)")
+  parser.add_argument("--skip-w2", action="store_true", help="W1 only (quick experiments)")
+  parser.add_argument("--tune-ms", type=str, default=None,
+                      help="with --tune: re-tune only these M (and W2 only if 'w2' is listed); "
+                           "the other entries of the shipped table are kept")
   args = parser.parse_args(argv)
   global N, K, MS
   if args.dry_run:
     N, K, MS = 256, 256, (1, 16)
+  if args.ms:
+    MS = tuple(int(v) for v in args.ms.split(","))
   args.out.mkdir(parents=True, exist_ok=True)
   lines = []
 
@@ -164,6 +175,13 @@ def main(argv=None) -> int:
   result = dict(env=env, shapes=dict(n=N, k=K, blocksize=64, nested=True, quant_type="nf4",
                                      layers_rotated=LAYERS), w1={}, w2={}, tuning={})
   table = {}
+  tune_ms = None
+  if args.tune and args.tune_ms:
+    tune_ms = set(args.tune_ms.split(","))
+    table = json.loads(json.dumps(_tuning._shipped_table()))  # pylint: disable=protected-access
+
+  def tuned(m) -> bool:
+    return args.tune and (tune_ms is None or str(m) in tune_ms)
   bf16 = jax.jit(lambda x, ws: [x @ w.T for w in ws])
   naive = jax.jit(lambda x, ss: [x @ jq.dequantize_4bit(s, jnp.bfloat16, backend="xla").T
                                  for s in ss])
@@ -171,7 +189,7 @@ def main(argv=None) -> int:
   for m in MS:
     x = jax.random.normal(jax.random.key(m), (m, K), jnp.bfloat16)
     ref = naive(x, states[:1])[0]
-    if args.tune:
+    if tuned(m):
       key, best, res = tune("matmul_4bit", m, candidates(m), x, states, ref, log,
                             args.tune_budget_s)
       table.setdefault("matmul_4bit", {})[key] = best["config"]
@@ -192,11 +210,17 @@ def main(argv=None) -> int:
         f"{row['bf16_us']:.1f} | naive {row['naive_us']:.1f} | floor {row['floor_us']:.1f} | "
         f"ratio {row['ratio_to_bf16']:.2f} | target {row['target']} met={row['met']}")
 
+  if args.skip_w2:
+    (args.out / "fourbit_matmul.json").write_text(json.dumps(result, indent=1))
+    if table:
+      (args.out / "tuned.json").write_text(json.dumps({env["device"]: table}, indent=1))
+    return 0
+
   # W2: forward + backward to the input at M = 4096.
   m = 4096
   x = jax.random.normal(jax.random.key(1), (m, K), jnp.bfloat16)
   dy = jax.random.normal(jax.random.key(2), (m, N), jnp.bfloat16)
-  if args.tune:
+  if tuned("w2"):
     ref = jax.jit(lambda g, s: g @ jq.dequantize_4bit(s, jnp.bfloat16, backend="xla"))(
         dy, states[0])
     key, best, res = tune("matmul_4bit_grad_input", m, grad_candidates(m), dy, states, ref, log,

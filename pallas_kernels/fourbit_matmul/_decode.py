@@ -24,9 +24,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.fourbit_matmul import _lut
+from pallas_kernels.fourbit_matmul import _lut, _pairs
 
 __all__ = ["Layout", "WeightRefs", "Decoder", "operands", "split_refs", "load_absmax",
+           "load_absmax_raw", "absmax_values",
            "masked_load", "dot_precision", "launch", "reduce_partials"]
 
 
@@ -106,23 +107,37 @@ def masked_load(ref, mask, other=0):
   return pltriton.load(ref, mask=mask, other=jnp.asarray(other, ref.dtype))
 
 
-def load_absmax(refs: WeightRefs, layout: Layout, r0, rows: int, step, row_mask):
-  """Float32 absmax ``(rows, nb)`` of weight rows ``r0 .. r0 + rows`` for the sub-blocks of
-  step ``step`` (masked rows get 0)."""
+def load_absmax_raw(refs: WeightRefs, layout: Layout, r0, rows: int, step, row_mask):
+  """The stored absmax ``(rows, nb)`` (float, or uint8 codes when double quantized) of
+  weight rows ``r0 .. r0 + rows`` for the sub-blocks of step ``step``; see
+  :func:`absmax_values`. Split from it so that a kernel can load one step ahead."""
   nb = layout.sub_blocks
   col0 = (step * layout.block_k) // layout.blocksize
   tile = refs.absmax.at[pl.ds(r0, rows), pl.ds(col0, nb)]
-  mask = None if row_mask is None else row_mask[:, None]
+  return masked_load(tile, None if row_mask is None else row_mask[:, None])
+
+
+def absmax_values(refs: WeightRefs, layout: Layout, raw, r0, rows: int, step, row_mask):
+  """Float32 absmax ``(rows, nb)`` from :func:`load_absmax_raw`'s tile (masked rows get 0):
+  the double quantization decoded in registers."""
   if refs.nested_code is None:
-    return masked_load(tile, mask).astype(jnp.float32)
-  q = masked_load(tile, mask).astype(jnp.int32)
+    return raw.astype(jnp.float32)
+  nb = layout.sub_blocks
+  col0 = (step * layout.block_k) // layout.blocksize
   row = r0 + jax.lax.broadcasted_iota(jnp.int32, (rows, nb), 0)
   col = col0 + jax.lax.broadcasted_iota(jnp.int32, (rows, nb), 1)
   last = layout.n * layout.blocks_per_row - 1
   block = jnp.minimum(row * layout.blocks_per_row + col, last)
   scale = refs.nested_absmax[block // layout.nested_blocksize]
-  absmax = refs.nested_code[q] * scale + refs.offset[0]
-  return absmax if mask is None else jnp.where(mask, absmax, 0.0)
+  absmax = refs.nested_code[raw.astype(jnp.int32)] * scale + refs.offset[0]
+  return absmax if row_mask is None else jnp.where(row_mask[:, None], absmax, 0.0)
+
+
+def load_absmax(refs: WeightRefs, layout: Layout, r0, rows: int, step, row_mask):
+  """Float32 absmax ``(rows, nb)`` of weight rows ``r0 .. r0 + rows`` for the sub-blocks of
+  step ``step`` (masked rows get 0)."""
+  raw = load_absmax_raw(refs, layout, r0, rows, step, row_mask)
+  return absmax_values(refs, layout, raw, r0, rows, step, row_mask)
 
 
 class Decoder(NamedTuple):
@@ -149,20 +164,35 @@ class Decoder(NamedTuple):
       tables = [refs.tables[i] for i in range(8)]
     return cls(refs, layout, dtype, interpret, tables)
 
-  def values(self, r0, rows: int, step, row_mask) -> jax.Array:
-    """Weight rows ``r0 .. r0 + rows``, columns of step ``step``: ``(rows, nb, g)`` in
-    ``dtype`` (masked rows decode to zero)."""
+  def raw(self, r0, rows: int, step, row_mask) -> tuple[jax.Array, jax.Array]:
+    """Packed bytes ``(rows, nb, g / 2)`` uint8 and float32 absmax ``(rows, nb)`` of weight
+    rows ``r0 .. r0 + rows``, columns of step ``step`` (masked rows: zero bytes and absmax)."""
     refs, layout = self.refs, self.layout
     nb = layout.sub_blocks
     tile = refs.packed.at[pl.ds(r0, rows), pl.ds(step * nb, nb), :]
     p = masked_load(tile, None if row_mask is None else row_mask[:, None, None])
-    scale = load_absmax(refs, layout, r0, rows, step, row_mask)
+    return p, load_absmax(refs, layout, r0, rows, step, row_mask)
+
+  def values(self, r0, rows: int, step, row_mask) -> jax.Array:
+    """Weight rows ``r0 .. r0 + rows``, columns of step ``step``: ``(rows, nb, g)`` in
+    ``dtype`` (masked rows decode to zero)."""
+    refs, layout = self.refs, self.layout
+    p, scale = self.raw(r0, rows, step, row_mask)
+    nb = layout.sub_blocks
     if jnp.dtype(self.dtype) in _lut.FAST_DTYPES:
       return _lut.decode(p, scale, self.tables, refs.code, self.dtype, self.interpret)
     hi = refs.code[(p >> 4).astype(jnp.int32)] * scale[:, :, None]
     lo = refs.code[(p & 0xF).astype(jnp.int32)] * scale[:, :, None]
     w = jnp.stack([hi, lo], axis=-1).reshape(rows, nb, layout.group)
     return w.astype(self.dtype)
+
+  def pairs(self, r0, rows: int, step, row_mask) -> tuple[jax.Array, jax.Array]:
+    """The same weights as two ``(rows, block_k / 2)`` matrices: even, then odd columns
+    (bfloat16/float16 only, :func:`._pairs.decode`)."""
+    p, scale = self.raw(r0, rows, step, row_mask)
+    even, odd = _pairs.decode(p, scale, self.tables, self.refs.code, self.dtype, self.interpret)
+    half = self.layout.block_k // 2
+    return even.reshape(rows, half), odd.reshape(rows, half)
 
   def tile(self, r0, rows: int, step, row_mask) -> jax.Array:
     """The same weights as a ``(rows, block_k)`` matrix."""

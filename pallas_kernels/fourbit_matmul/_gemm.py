@@ -9,7 +9,9 @@ can stay in registers (Hopper's wgmma takes A from registers) and the output til
 transposed on store. Programs are ordered in groups of ``group_m`` along M so that those
 decoding the same weight tiles run together and share them through L2. With ``split_k > 1``
 (small M: more programs than output tiles) each program reduces one slice of K and writes
-float32 partial sums, added afterwards.
+float32 partial sums, added afterwards. With ``config.pairs`` (bfloat16/float16), the weight
+tile decodes to its even and odd columns (:func:`._pairs.decode`, no interleave) and ``x``,
+split the same way outside the kernel, meets them in two dots of ``block_k / 2``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.fourbit_matmul import _decode
+from pallas_kernels.fourbit_matmul import _decode, _lut, _pairs
 from pallas_kernels.fourbit_matmul._tuning import Config
 
 __all__ = ["gemm", "grouped_ids", "KERNEL_NAME"]
@@ -39,7 +41,7 @@ def grouped_ids(pid, tiles_a: int, tiles_b: int, group: int):
 
 
 def _kernel(*refs, layout: _decode.Layout, m: int, cfg: Config, nested: bool,
-            has_bias: bool, interpret: bool):
+            has_bias: bool, pairs: bool, interpret: bool):
   x_ref, *rest = refs
   w, rest = _decode.split_refs(rest, nested)
   bias_ref = rest[0] if has_bias else None
@@ -59,16 +61,26 @@ def _kernel(*refs, layout: _decode.Layout, m: int, cfg: Config, nested: bool,
   precision = _decode.dot_precision(dtype)
   decoder = _decode.Decoder.create(w, layout, dtype, interpret)
 
-  def body(t, acc):
-    step = first_step + t
-    x_tile = x_ref.at[pl.ds(m0, bm), pl.ds(step * bk, bk)]
-    xt = _decode.masked_load(x_tile, None if m_mask is None else m_mask[:, None])
-    wt = decoder.tile(n0, bn, step, n_mask)
+  def product(acc, xt, wt):
     if cfg.w_lhs:
       return acc + jax.lax.dot_general(wt, xt, (((1,), (1,)), ((), ())), precision=precision,
                                         preferred_element_type=jnp.float32)
     return acc + jax.lax.dot_general(xt, wt, (((1,), (1,)), ((), ())), precision=precision,
                                       preferred_element_type=jnp.float32)
+
+  x_mask = None if m_mask is None else m_mask[:, None]
+
+  def body(t, acc):
+    step = first_step + t
+    if pairs:  # x_ref: (2, m, k / 2), even then odd columns
+      half = bk // 2
+      xe, xo = (_decode.masked_load(
+          x_ref.at[jnp.int32(j), pl.ds(m0, bm), pl.ds(step * half, half)], x_mask)
+          for j in (0, 1))
+      we, wo = decoder.pairs(n0, bn, step, n_mask)
+      return product(product(acc, xe, we), xo, wo)
+    xt = _decode.masked_load(x_ref.at[pl.ds(m0, bm), pl.ds(step * bk, bk)], x_mask)
+    return product(acc, xt, decoder.tile(n0, bn, step, n_mask))
 
   shape = (bn, bm) if cfg.w_lhs else (bm, bn)
   acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(shape, jnp.float32))
@@ -110,11 +122,12 @@ def gemm(x: jax.Array, weights: tuple[jax.Array, ...], bias: jax.Array | None, *
     ``(m, n)`` in ``x.dtype``.
   """
   m = x.shape[0]
+  pairs = config.pairs and jnp.dtype(x.dtype) in _lut.FAST_DTYPES
   kernel = functools.partial(_kernel, layout=layout, m=m, cfg=config, nested=len(weights) == 7,
-                             has_bias=bias is not None, interpret=interpret)
+                             has_bias=bias is not None, pairs=pairs, interpret=interpret)
   s = config.split_k
   grid = (pl.cdiv(m, config.block_m) * pl.cdiv(layout.n, config.block_n), s)
-  args = (x, *weights) + ((bias,) if bias is not None else ())
+  args = (_pairs.split_x(x) if pairs else x, *weights) + ((bias,) if bias is not None else ())
   out = (jax.ShapeDtypeStruct((s, m, layout.n), jnp.float32) if s > 1 else
          jax.ShapeDtypeStruct((m, layout.n), x.dtype))
   y = _decode.launch(kernel, out, grid, args, name=KERNEL_NAME, num_warps=config.num_warps,

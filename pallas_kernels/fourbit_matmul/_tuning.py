@@ -2,9 +2,10 @@
 
 A :class:`Config` names the kernel (``"gemv"``: FMA over a row block, for a few rows of ``x``;
 ``"gemm"``: tensor-core tiles; ``"dq_dot"``: decode the weight once, then XLA's dot, for
-large M; ``"xla"``: the reference, where no kernel beats it) and its tile sizes. :func:`forward_config` and :func:`grad_config` look a shape up, in order, in a
-process cache, then in the table tuned on this GPU model (``tuned.json`` beside this module,
-written by ``benchmarks/fourbit_matmul.py``), then fall back to a heuristic. Shapes are keyed
+large M; ``"xla"``: the reference, where no kernel beats it) and its tile sizes.
+:func:`forward_config` and :func:`grad_config` look a shape up, in order, in a process cache,
+then in the table tuned on this GPU model (``tuned.json`` beside this module, written by
+``benchmarks/fourbit_matmul.py``), then fall back to a heuristic. Shapes are keyed
 with ``M`` rounded up to a power of two, so batch sizes of one bucket share one choice.
 """
 
@@ -43,6 +44,9 @@ class Config:
     w_lhs: the decoded weight tile is the left operand of the tensor-core product (stays in
       registers; the output tile is transposed on store).
     group_m: programs along M sharing one weight column of tiles, for L2 reuse (gemm).
+    pairs: bfloat16/float16 ``x`` only (ignored otherwise): keep even and odd columns apart
+      (:mod:`._pairs`), ``x`` split outside the kernel; gemv fuses its FMAs into the decode.
+    prefetch: gemv with ``pairs``: load step ``t + 1`` while step ``t`` computes.
   """
   kernel: str = "gemm"
   block_m: int = 64
@@ -53,6 +57,8 @@ class Config:
   num_stages: int = 3
   w_lhs: bool = False
   group_m: int = 8
+  pairs: bool = False
+  prefetch: bool = False
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -104,8 +110,8 @@ def _split(programs: int, steps: int) -> int:
 # decode-then-dot beyond (the in-kernel decode costs more than the product there).
 def _heuristic_forward(m: int, n: int, k: int, blocksize: int) -> Config:
   if m <= MAX_GEMV_M:
-    return Config("gemv", block_m=1, block_n=8, block_k=_block_k(k, blocksize, 1024),
-                  num_warps=4, num_stages=1)
+    return Config("gemv", block_m=1, block_n=4, block_k=_block_k(k, blocksize, 1024),
+                  num_warps=4, num_stages=1, pairs=True)
   if m > 256:
     return Config("dq_dot", block_n=32, block_k=_block_k(k, blocksize, 512), num_warps=4,
                   num_stages=1)
@@ -114,8 +120,10 @@ def _heuristic_forward(m: int, n: int, k: int, blocksize: int) -> Config:
   bn = min(64 if small else 128, max(16, _pow2_at_least(n)))
   bk = _block_k(k, blocksize, 128 if small else 64)
   programs = -(-m // bm) * -(-n // bn)
+  pairs = m <= 16  # even/odd decode, decoded tile as the left operand: faster at M = 16 only
   return Config("gemm", block_m=bm, block_n=bn, block_k=bk, split_k=_split(programs, k // bk),
-                num_warps=4 if small else 8, num_stages=4 if small else 3)
+                num_warps=4 if small else 8, num_stages=4 if small and not pairs else 3,
+                w_lhs=pairs, pairs=pairs)
 
 
 def _heuristic_grad(m: int, n: int, k: int, blocksize: int) -> Config:

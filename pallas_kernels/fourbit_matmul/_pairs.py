@@ -1,0 +1,226 @@
+"""Even/odd register decode of 4-bit weights for bf16/fp16 activations, and the fused GEMV step.
+
+Each packed byte holds two consecutive weights: ``k = 2 j`` (even) in the high nibble and
+``k = 2 j + 1`` (odd) in the low one. Instead of interleaving them back into natural order,
+the kernels here keep the two halves apart and split ``x`` the same way outside the kernel
+(:func:`split_x`): ``x @ W.T = x_even @ W_even.T + x_odd @ W_odd.T``. Four packed bytes are one
+32-bit register and decode, with no byte shuffling on input, to two ``bf16x2``/``f16x2``
+words of even and two of odd weights.
+
+The 16-entry code lives in eight 32-bit registers (:func:`._lut.code_tables`: low bytes of
+entries 0-7, 8-15, high bytes of 0-7, 8-15). For four nibbles at once, one ``prmt`` looks up
+the low bytes of entries 0-7 and one those of 8-15, with the nibbles' three low bits as
+selectors; a third ``prmt`` picks between them by each nibble's high bit; the same for the
+high bytes; two more ``prmt`` build the 16-bit pairs. About 23 instructions per 8 weights.
+
+:func:`decode` returns the even/odd tiles scaled by the absmax (rounded to the dtype, as
+:mod:`._lut` does), for the tensor-core kernels. :func:`dot_step` is the small-M step: for each
+row of ``x`` it multiplies the decoded, unscaled code pairs with ``x``'s pairs in packed
+``bf16x2``/``f16x2`` FMAs (4 per 8 weights), adds the two halves in float32 and applies the
+absmax with one float32 FMA per 8 weights into a float32 accumulator. The weights are therefore
+``dtype(code[q])`` times a float32 absmax, with products summed four at a time in the
+activation dtype: differences from the reference's ``dtype(code[q] * absmax)`` products stay
+below the dtype's rounding of the sum. The eight weights of one instance (4 bytes of one
+sub-block, consecutive along the last axis of the tile) share one absmax.
+
+In interpret mode the same arithmetic runs as jnp.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import triton as pltriton
+
+__all__ = ["split_x", "decode", "dot_step"]
+
+_PACK = 4  # packed bytes per asm instance (one 32-bit register, 8 weights)
+
+
+def _make_multi_asm():
+  """``pltriton.elementwise_inline_asm`` with several results.
+
+  jax 0.10/0.11 lower that primitive as if it had one result (the op's result list is wrapped
+  in a list), so a block with several outputs fails to lower; this private primitive lowers
+  to the same Triton op and returns each result.
+  """
+  from jax._src import core as jax_core  # pylint: disable=import-outside-toplevel
+  from jax._src.lib.triton import dialect as tt_dialect  # pylint: disable=import-outside-toplevel
+  from jax._src.pallas.triton import lowering  # pylint: disable=import-outside-toplevel
+  from jax.interpreters import mlir  # pylint: disable=import-outside-toplevel
+
+  prim = jax_core.Primitive("jaxquant_inline_asm")
+  prim.multiple_results = True
+
+  @prim.def_abstract_eval
+  def _abstract(*avals, result_shape_dtypes, **kwargs):
+    del avals, kwargs
+    return [jax_core.ShapedArray(r.shape, r.dtype) for r in result_shape_dtypes]
+
+  @lowering.register_lowering(prim)
+  def _lower(ctx, *args, asm, constraints, pack, result_shape_dtypes):
+    del result_shape_dtypes
+    types = [mlir.aval_to_ir_type(ctx.context.mlir_ctx, a) for a in ctx.avals_out]
+    out = tt_dialect.elementwise_inline_asm(types, asm, constraints=constraints, pure=True,
+                                            packed_element=pack, args=args)
+    return list(out) if len(types) > 1 else [out]
+
+  def call(asm, *, args, constraints, pack, result_shape_dtypes):
+    if any(a.shape != args[0].shape for a in args):
+      raise ValueError("all arguments of the inline asm must have one shape")
+    return prim.bind(*args, asm=asm, constraints=constraints, pack=pack,
+                     result_shape_dtypes=tuple(result_shape_dtypes))
+  return call
+
+
+try:
+  _inline_asm = _make_multi_asm()
+except (ImportError, AttributeError):  # another jax layout: one result per block only
+  _inline_asm = pltriton.elementwise_inline_asm
+
+
+def split_x(x: jax.Array) -> jax.Array:
+  """``(2, m, k / 2)``: the even then the odd columns of ``x (m, k)``."""
+  m, k = x.shape
+  return jnp.moveaxis(x.reshape(m, k // 2, 2), 2, 0)
+
+
+def _lookup(p: str, t: Sequence[str]) -> str:
+  """PTX decoding the 8 nibbles of register ``p`` into the code's 16-bit values: ``la``/``ha``
+  low/high bytes of nibbles 0-3 (byte ``i`` = nibble ``i``), ``lb``/``hb`` of nibbles 4-7.
+  Nibble ``2 i + 1`` is the even weight of byte ``i``, nibble ``2 i`` the odd one."""
+  def half(s_src: str, t_shift: int, lo: str, hi: str) -> str:
+    return f"""
+and.b32 s, {s_src}, 0x7777;
+shr.b32 t, {p}, {t_shift};
+lop3.b32 t, t, 0x4444, 0x3210, 0xEA;
+prmt.b32 a, {t[0]}, {t[1]}, s;
+prmt.b32 b, {t[2]}, {t[3]}, s;
+prmt.b32 {lo}, a, b, t;
+prmt.b32 a, {t[4]}, {t[5]}, s;
+prmt.b32 b, {t[6]}, {t[7]}, s;
+prmt.b32 {hi}, a, b, t;"""
+  return (".reg .b32 s, t, a, b, la, ha, lb, hb, e0, e1, o0, o1, q, s01, s23;\n"
+          ".reg .f32 f, g;\n.reg .b16 h0, h1;"
+          + half(p, 1, "la", "ha") + f"\nshr.b32 s, {p}, 16;" + half("s", 17, "lb", "hb")
+          + """
+prmt.b32 e0, la, ha, 0x7351;
+prmt.b32 o0, la, ha, 0x6240;
+prmt.b32 e1, lb, hb, 0x7351;
+prmt.b32 o1, lb, hb, 0x6240;""")
+
+
+def _kind(dtype) -> str:
+  return "bf16x2" if jnp.dtype(dtype) == jnp.bfloat16 else "f16x2"
+
+
+def _operands(first: int, counts: Sequence[int]) -> list[list[str]]:
+  out, i = [], first
+  for c in counts:
+    out.append([f"${j}" for j in range(i, i + c)])
+    i += c
+  return out
+
+
+def _code(packed, code_ref, dtype):
+  code = code_ref[...].astype(dtype).astype(jnp.float32)
+  return code[(packed >> 4).astype(jnp.int32)], code[(packed & 0xF).astype(jnp.int32)]
+
+
+def decode(packed: jax.Array, scale: jax.Array, tables, code_ref, dtype,
+           interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """Even and odd weights ``(rows, nb, h)`` in ``dtype`` from packed bytes ``(rows, nb, h)``
+  uint8 and the float32 absmax ``(rows, nb)``.
+
+  Args:
+    packed: packed bytes (weight ``2 j`` in the high nibble of byte ``j``).
+    scale: absmax per sub-block.
+    tables: the eight words of :func:`._lut.code_tables` as scalars (GPU path).
+    code_ref: the float32 code (interpret path).
+    dtype: bfloat16 or float16.
+    interpret: emulate with jnp instead of PTX.
+  """
+  scale = jnp.broadcast_to(scale[:, :, None], packed.shape)
+  if interpret:
+    s = scale.astype(dtype).astype(jnp.float32)
+    return tuple((c * s).astype(dtype) for c in _code(packed, code_ref, dtype))
+  _, [p], s, tab = _operands(0, (4, 1, _PACK, 8 * _PACK))
+  kind = _kind(dtype)
+  cvt = "bf16x2" if kind == "bf16x2" else "f16x2"
+  asm = "{\n" + _lookup(p, tab[::_PACK]) + f"""
+cvt.rn.{cvt}.f32 s01, {s[1]}, {s[0]};
+cvt.rn.{cvt}.f32 s23, {s[3]}, {s[2]};
+mul.rn.{kind} $0, e0, s01;
+mul.rn.{kind} $1, e1, s23;
+mul.rn.{kind} $2, o0, s01;
+mul.rn.{kind} $3, o1, s23;
+}}"""
+  constraints = ",".join(["=r"] * 4 + ["r"] + ["f"] * _PACK + ["r"] * (8 * _PACK))
+  args = [packed, scale] + [jnp.broadcast_to(t, packed.shape) for t in tables]
+  out = jax.ShapeDtypeStruct(packed.shape, dtype)
+  even, odd = _inline_asm(
+      asm, args=args, constraints=constraints, pack=_PACK, result_shape_dtypes=[out, out])
+  return even, odd
+
+
+def dot_step(packed: jax.Array, scale: jax.Array, xs: Sequence[tuple[jax.Array, jax.Array]],
+             accs: Sequence[jax.Array], tables, code_ref, dtype,
+             interpret: bool) -> list[jax.Array]:
+  """One reduction step of the small-M kernel: ``accs[i] += scale * (W_even * x_even_i +
+  W_odd * x_odd_i)``, summed over each instance's 8 weights into one of its 4 elements.
+
+  Args:
+    packed: ``(rows, nb, h)`` uint8 packed bytes.
+    scale: ``(rows, nb)`` float32 absmax per sub-block.
+    xs: per row of ``x``, its even and odd columns for this step, ``(nb, h)`` in ``dtype``.
+    accs: per row of ``x``, the float32 accumulator ``(rows, nb, h)``.
+    tables, code_ref, dtype, interpret: as :func:`decode`.
+
+  Returns:
+    The updated accumulators; only their sums are meaningful.
+  """
+  shape = packed.shape
+  scale = jnp.broadcast_to(scale[:, :, None], shape)
+  xs = [(jnp.broadcast_to(xe[None], shape), jnp.broadcast_to(xo[None], shape))
+        for xe, xo in xs]
+  if interpret:
+    ce, co = _code(packed, code_ref, dtype)
+    return [acc + scale * (ce * xe.astype(jnp.float32) + co * xo.astype(jnp.float32))
+            for (xe, xo), acc in zip(xs, accs)]
+  m = len(accs)
+  ops = _operands(0, [_PACK] * m + [1, _PACK, 8 * _PACK] + [2, 2, _PACK] * m)
+  outs, (p,), s, tab, rows = ops[:m], ops[m], ops[m + 1], ops[m + 2], ops[m + 3:]
+  kind = _kind(dtype)
+  if kind == "bf16x2":
+    widen = """shl.b32 f, q, 16;
+and.b32 g, q, 0xFFFF0000;"""
+  else:
+    widen = """mov.b32 {h0, h1}, q;
+cvt.f32.f16 f, h0;
+cvt.f32.f16 g, h1;"""
+  body = ["{", _lookup(p, tab[::_PACK])]
+  for i in range(m):
+    xe, xo, acc = rows[3 * i], rows[3 * i + 1], rows[3 * i + 2]
+    out = outs[i]
+    body.append(f"""mul.rn.{kind} q, e0, {xe[0]};
+fma.rn.{kind} q, o0, {xo[0]}, q;
+fma.rn.{kind} q, e1, {xe[1]}, q;
+fma.rn.{kind} q, o1, {xo[1]}, q;
+{widen}
+add.f32 f, f, g;
+fma.rn.f32 {out[0]}, f, {s[0]}, {acc[0]};
+mov.f32 {out[1]}, {acc[1]};
+mov.f32 {out[2]}, {acc[2]};
+mov.f32 {out[3]}, {acc[3]};""")
+  body.append("}")
+  constraints = ",".join(["=f"] * (_PACK * m) + ["r"] + ["f"] * _PACK + ["r"] * (8 * _PACK)
+                         + (["r"] * 4 + ["f"] * _PACK) * m)
+  args = [packed, scale] + [jnp.broadcast_to(t, shape) for t in tables]
+  for (xe, xo), acc in zip(xs, accs):
+    args += [xe, xo, acc]
+  out = jax.ShapeDtypeStruct(shape, jnp.float32)
+  return list(_inline_asm(
+      "\n".join(body), args=args, constraints=constraints, pack=_PACK,
+      result_shape_dtypes=[out] * m))
