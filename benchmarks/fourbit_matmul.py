@@ -42,44 +42,38 @@ TARGET_RATIO = {512: 1.10, 4096: 1.05, "w2": 1.10}
 
 
 def candidates(m: int) -> list[Config]:
-  """Forward kernels tried per M bucket (8192×8192, blocksize 64, bf16): the even/odd pair
-  decode (``pairs``) in the tilings that came out best in a first H100 sweep (2026-11-23:
-  gemv ``block_n`` 4-32, ``block_k`` 256-1024, 1-3 stages; gemm split-K 2-8, either operand
-  order), and the best tilings of the generic decode."""
-  def g(bm, bn, bk, lhs=False, s=1, w=4, st=4, p=True):
+  """Forward kernels tried per M bucket (8192×8192, blocksize 64, bf16).
+
+  A first H100 sweep (``results/fourbit_matmul_sweep1.json``: gemv ``block_n`` 4-32,
+  ``block_k`` 256-1024, 1-3 stages, 2-8 warps; gemm split-K 2-8, either operand order;
+  decode-then-dot tiles) left these: its winners, their prefetching variants, and the best
+  tiling of the generic decode for comparison.
+  """
+  def g(bm, bn, bk, lhs=False, s=1, w=4, st=3, p=True, pf=False):
     return Config("gemm", block_m=bm, block_n=bn, block_k=bk, w_lhs=lhs, split_k=s,
-                  num_warps=w, num_stages=st, pairs=p)
+                  num_warps=w, num_stages=st, pairs=p, prefetch=pf)
 
-  def v(bn, bk, s=1, w=4, st=1, p=True):
-    return Config("gemv", block_n=bn, block_k=bk, split_k=s, num_warps=w, num_stages=st,
-                  pairs=p)
+  def v(bn, bk, st=1, pf=False):
+    return Config("gemv", block_n=bn, block_k=bk, num_stages=st, pairs=True, prefetch=pf)
 
-  dq = [Config("dq_dot", block_n=bn, block_k=bk, num_warps=w, num_stages=1)
-        for bn, bk, w in ((32, 512, 4), (64, 128, 4))]
+  def dq(bn, bk, p):
+    return Config("dq_dot", block_n=bn, block_k=bk, num_stages=1, pairs=p)
+
   if m <= 8:
-    return [v(4, 1024), v(4, 1024, st=2), v(4, 1024, st=3), v(4, 2048, st=2), v(2, 2048, st=2),
-            v(2, 1024, st=3), v(4, 512, st=3), v(4, 1024, w=2, st=3), v(4, 2048, w=8, st=2),
-            v(8, 1024, st=3), v(4, 1024, s=2, st=3), v(8, 512, st=3), v(8, 1024, p=False)]
+    return [v(4, 1024), v(4, 1024, pf=True), v(4, 2048, pf=True), v(2, 2048, pf=True),
+            v(8, 1024, pf=True), v(4, 1024, st=3), v(4, 2048, st=2), v(4, 512, st=2, pf=True)]
   if m <= 16:
-    return [g(16, 64, 128, True, s=4, st=3), g(16, 64, 128, True, s=8, st=3),
-            g(16, 64, 128, True, s=2, st=3), g(16, 64, 256, True, s=4, st=3),
-            g(16, 64, 64, True, s=8, st=3), g(16, 128, 128, True, s=4, w=8, st=3),
-            g(16, 64, 128, True, s=4, st=4), g(16, 64, 128, True, s=4, st=2),
-            g(16, 64, 128, s=8, p=False)]
+    return [g(16, 64, 128, True, s=4), g(16, 64, 128, True, s=4, st=1, pf=True),
+            g(16, 64, 256, True, s=4, st=1, pf=True), g(16, 64, 128, True, s=8, st=1, pf=True),
+            g(16, 64, 128, True, s=8)]
   if m <= 128:
-    return [g(128, 128, 64, s=4, w=8, st=3, p=False), g(128, 128, 64, s=2, w=8, st=3, p=False),
-            g(128, 128, 64, s=4, w=8, st=3)]
-  if m <= 512:
-    return [g(128, 128, 64, w=8, st=3, p=False), g(128, 128, 64, w=8, st=3)] + dq
-  return [g(128, 128, 64, w=8, st=3)] + dq
+    return [g(128, 128, 64, s=4, w=8, p=False), g(128, 128, 64, s=4, w=8, st=1, pf=True)]
+  return [dq(32, 512, False), dq(32, 512, True)]
 
 
 def grad_candidates(m: int) -> list[Config]:
   del m
-  g = lambda **kw: Config("gemm", **kw)  # noqa: E731
-  return ([g(block_m=128, block_n=64, block_k=128, num_warps=8, num_stages=3)]
-          + [Config("dq_dot", block_n=bn, block_k=bk, num_warps=w, num_stages=1)
-             for bn, bk, w in ((64, 128, 4), (32, 512, 4))])
+  return [Config("dq_dot", block_n=64, block_k=128, num_stages=1, pairs=p) for p in (False, True)]
 
 
 def time_layers(fn, *args, reps: int = 15, min_rep_s: float = 0.004) -> float:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.fourbit_matmul import _lut, _pairs
+from pallas_kernels.fourbit_matmul import _lut
 
 __all__ = ["Layout", "WeightRefs", "Decoder", "operands", "split_refs", "load_absmax",
            "load_absmax_raw", "absmax_values",
@@ -185,14 +185,6 @@ class Decoder(NamedTuple):
     lo = refs.code[(p & 0xF).astype(jnp.int32)] * scale[:, :, None]
     w = jnp.stack([hi, lo], axis=-1).reshape(rows, nb, layout.group)
     return w.astype(self.dtype)
-
-  def pairs(self, r0, rows: int, step, row_mask) -> tuple[jax.Array, jax.Array]:
-    """The same weights as two ``(rows, block_k / 2)`` matrices: even, then odd columns
-    (bfloat16/float16 only, :func:`._pairs.decode`)."""
-    p, scale = self.raw(r0, rows, step, row_mask)
-    even, odd = _pairs.decode(p, scale, self.tables, self.refs.code, self.dtype, self.interpret)
-    half = self.layout.block_k // 2
-    return even.reshape(rows, half), odd.reshape(rows, half)
 
   def tile(self, r0, rows: int, step, row_mask) -> jax.Array:
     """The same weights as a ``(rows, block_k)`` matrix."""

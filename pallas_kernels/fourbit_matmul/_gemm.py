@@ -11,7 +11,8 @@ decoding the same weight tiles run together and share them through L2. With ``sp
 (small M: more programs than output tiles) each program reduces one slice of K and writes
 float32 partial sums, added afterwards. With ``config.pairs`` (bfloat16/float16), the weight
 tile decodes to its even and odd columns (:func:`._pairs.decode`, no interleave) and ``x``,
-split the same way outside the kernel, meets them in two dots of ``block_k / 2``.
+split the same way outside the kernel, meets them in two dots of ``block_k / 2``; with
+``config.prefetch`` the next step's operands are loaded into registers while this one runs.
 """
 
 from __future__ import annotations
@@ -70,20 +71,41 @@ def _kernel(*refs, layout: _decode.Layout, m: int, cfg: Config, nested: bool,
 
   x_mask = None if m_mask is None else m_mask[:, None]
 
+  half, nb = bk // 2, layout.sub_blocks
+
+  def loads(step):  # pairs: x_ref is (2, m, k / 2), even then odd columns
+    xe, xo = (_decode.masked_load(
+        x_ref.at[jnp.int32(j), pl.ds(m0, bm), pl.ds(step * half, half)], x_mask)
+        for j in (0, 1))
+    tile = w.packed.at[pl.ds(n0, bn), pl.ds(step * nb, nb), :]
+    p = _decode.masked_load(tile, None if n_mask is None else n_mask[:, None, None])
+    return p, _decode.load_absmax_raw(w, layout, n0, bn, step, n_mask), xe, xo
+
+  def consume(step, loaded, acc):
+    p, q, xe, xo = loaded
+    scale = _decode.absmax_values(w, layout, q, n0, bn, step, n_mask)
+    we, wo = _pairs.decode(p, scale, decoder.tables, w.code, dtype, interpret)
+    return product(product(acc, xe, we.reshape(bn, half)), xo, wo.reshape(bn, half))
+
   def body(t, acc):
     step = first_step + t
-    if pairs:  # x_ref: (2, m, k / 2), even then odd columns
-      half = bk // 2
-      xe, xo = (_decode.masked_load(
-          x_ref.at[jnp.int32(j), pl.ds(m0, bm), pl.ds(step * half, half)], x_mask)
-          for j in (0, 1))
-      we, wo = decoder.pairs(n0, bn, step, n_mask)
-      return product(product(acc, xe, we), xo, wo)
+    if pairs:
+      return consume(step, loads(step), acc)
     xt = _decode.masked_load(x_ref.at[pl.ds(m0, bm), pl.ds(step * bk, bk)], x_mask)
     return product(acc, xt, decoder.tile(n0, bn, step, n_mask))
 
+  def prefetched(t, carry):  # loads for the next step are in flight while this one computes
+    acc, loaded = carry
+    step = first_step + t
+    ahead = loads(jnp.minimum(step + 1, first_step + steps - 1))
+    return consume(step, loaded, acc), ahead
+
   shape = (bn, bm) if cfg.w_lhs else (bm, bn)
-  acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(shape, jnp.float32))
+  if pairs and cfg.prefetch:
+    acc, _ = jax.lax.fori_loop(0, steps, prefetched,
+                               (jnp.zeros(shape, jnp.float32), loads(first_step)))
+  else:
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(shape, jnp.float32))
   if cfg.w_lhs:
     acc = acc.T
   if has_bias and not split:

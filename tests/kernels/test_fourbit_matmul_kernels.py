@@ -42,8 +42,9 @@ class Case:
 
 # A covering subset: every M, blocksize, code, dtype and nesting appears, and every kernel
 # (gemv and gemm with and without split-K, gemm with either operand order, dequantize-then-dot
-# both ways); N and K are not multiples of the tiles where the kernels mask; block_k below, at
-# and above the blocksize.
+# both ways, each with the generic and the even/odd pair decode, with and without prefetch);
+# N and K are not multiples of the tiles where the kernels mask; block_k below, at and above
+# the blocksize.
 CASES = [
     Case((1,), 200, 320, 64, "nf4", True, jnp.bfloat16, True,
          Config("gemv", block_n=64, block_k=64, num_stages=1),
@@ -62,24 +63,26 @@ CASES = [
          Config("gemm", block_m=128, block_n=16, block_k=64, group_m=2)),
     Case((16,), 72, 512, 256, "nf4", True, jnp.bfloat16, False,
          Config("gemv", block_n=16, block_k=512),
-         Config("dq_dot", block_n=16, block_k=256)),
+         Config("dq_dot", block_n=16, block_k=256, pairs=True)),
     # even/odd pair decode (_pairs): fused GEMV (one and several rows, split-K) and tiles
     Case((1,), 200, 320, 64, "nf4", True, jnp.bfloat16, True,
          Config("gemv", block_n=64, block_k=64, pairs=True),
          Config("gemm", block_m=16, block_n=32, block_k=64)),
     Case((2, 3), 130, 512, 128, "fp4", False, jnp.float16, True,
          Config("gemv", block_n=32, block_k=128, split_k=2, pairs=True, prefetch=True),
-         Config("gemm", block_m=16, block_n=32, block_k=128)),
+         Config("dq_dot", block_n=32, block_k=128, pairs=True)),
     Case((16,), 72, 512, 64, "nf4", True, jnp.bfloat16, False,
          Config("gemm", block_m=16, block_n=32, block_k=128, split_k=2, pairs=True),
          Config("gemm", block_m=16, block_n=32, block_k=64)),
     Case((4, 25), 130, 256, 256, "fp4", True, jnp.float16, True,
-         Config("gemm", block_m=32, block_n=32, block_k=64, w_lhs=True, pairs=True),
+         Config("gemm", block_m=32, block_n=32, block_k=64, w_lhs=True, pairs=True,
+                prefetch=True),
          Config("gemm", block_m=32, block_n=32, block_k=64)),
 ]
 IDS = [f"M{int(np.prod(c.lead))}-{c.n}x{c.k}-bs{c.blocksize}-{c.quant_type}"
        f"{'-dq' if c.nested else ''}-{jnp.dtype(c.dtype).name}"
-       f"{'-pairs' if c.forward.pairs else ''}{'-prefetch' if c.forward.prefetch else ''}"
+       f"{'-pairs' if c.forward.pairs or c.backward.pairs else ''}"
+       f"{'-prefetch' if c.forward.prefetch else ''}"
        for c in CASES]
 
 
