@@ -2,14 +2,19 @@
 
 Prints, per operation, the median time of jaxquant's Pallas kernels, of the naive jnp
 reference and of a bf16 copy of the weight measured in the same run, next to the floor
-(bytes moved / 3.0 TB/s) and the target; also a memory-only Pallas kernel with the same bytes in
-and out (what a Triton kernel of this shape can stream), a sweep of launch configurations, the
-8-bit blockwise kernels, and the relative Frobenius error on N(0, 0.02^2) weights.
+(bytes moved / 3.0 TB/s) and the target. Beside them, the same bytes in and out moved by a
+memory-only Pallas kernel and by an XLA elementwise op (what a kernel of this shape can stream
+on this machine), quantize without the returned code table (the copy of that constant is a
+launch of its own), a sweep of launch configurations and code paths (``--sweep``), the time of
+double quantization's 8-bit pass over the absmax, the 8-bit blockwise kernels (``--no-8bit``
+skips them) and the relative Frobenius error on N(0, 0.02^2) weights.
 
-Run on the GPU from the repository root::
+Run on the GPU from the repository root (the committed JSON)::
 
-  PYTHONPATH=$PWD python3 benchmarks/blockwise_quant.py \
+  PYTHONPATH=$PWD python3 benchmarks/blockwise_quant.py --sweep short --no-8bit \
       --out benchmarks/results/blockwise_quant.json
+
+``--sweep full`` wrote ``benchmarks/results/blockwise_quant_sweep.json``.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 import jaxquant as jq
+from jaxquant import codebooks
 from benchmarks._timing import distinct_inputs, report_env, time_calls, time_interleaved
-from pallas_kernels.blockwise_quant import _common, _dequantize_4bit_kernel, _quantize_4bit_kernel
+from pallas_kernels.blockwise_quant import (_blockwise_8bit_kernel, _common,
+                                            _dequantize_4bit_kernel, _quantize_4bit_kernel)
 from pallas_kernels.blockwise_quant import api as blockwise_api
 from pallas_kernels.blockwise_quant import reference
 from pallas_kernels.blockwise_quant._common import KernelConfig
@@ -35,10 +42,24 @@ SIZE = 8192  # W3: one 8192 x 8192 weight
 BLOCKSIZE = 64
 HBM_BYTES_PER_S = 3.0e12  # TARGETS.md ceiling (bytes read + written)
 TARGET_US = {"quantize": 80.0, "dequantize": 70.0}
-# (elements per tile, warps, tiles per program, eviction policy of the streamed input)
-SWEEP = [(1024, 4, 1, None), (2048, 4, 1, None), (2048, 8, 1, None), (4096, 4, 1, None),
-         (8192, 4, 1, None), (2048, 4, 4, None), (1024, 2, 8, None), (2048, 4, 1, "evict_first")]
-
+# Launch configurations timed against each other (--sweep): (elements per tile, warps,
+# tiles per program, eviction policy of the streamed input).
+GEOMETRIES = [(1024, 2, 1, None), (1024, 4, 1, None), (2048, 4, 1, None), (2048, 8, 1, None),
+              (4096, 4, 1, None), (4096, 8, 1, None), (8192, 4, 1, None), (8192, 8, 1, None),
+              (16384, 8, 1, None), (2048, 4, 4, None), (2048, 4, 1, "evict_first"),
+              (8192, 4, 1, "evict_first")]
+# quantize: (geometry index, encoder, pairs); dequantize: (geometry index, pairs).
+QUANTIZE_SWEEP = ([(g, enc, "split") for g in range(6) for enc in ("clamp", "poly", "table")]
+                  + [(2, "clamp", "reduce"), (2, "table", "reduce"), (2, "compare", "split"),
+                     (9, "clamp", "split"), (10, "clamp", "split")])
+DEQUANTIZE_SWEEP = ([(g, pairs) for g in (2, 4, 6, 7, 8) for pairs in ("split", "reduce")]
+                    + [(11, "split")])
+# --sweep short: the defaults and their nearest alternatives.
+QUANTIZE_SWEEP_SHORT = [(2, "clamp", "split"), (2, "poly", "split"), (2, "table", "split"),
+                        (2, "table", "reduce"), (4, "clamp", "split"), (10, "clamp", "split")]
+DEQUANTIZE_SWEEP_SHORT = [(6, "reduce"), (6, "split"), (4, "reduce"), (11, "reduce")]
+# Double quantization's second pass: the 8-bit kernel over the 8192 * 8192 / 64 absmax values.
+NESTED_8BIT_SWEEP = [(4096, 4), (1024, 4), (512, 4), (256, 2)]
 
 def _stream_kernel(x_ref, o_ref, *, shrink: bool):
   x = x_ref[...]
@@ -65,6 +86,60 @@ def stream(x, *, shrink: bool, elems: int = 8192, num_warps: int = 4, interpret:
       interpret=interpret, name="bench_stream")(x.reshape(-1))
 
 
+def xla_same_bytes(x, *, shrink: bool):
+  """XLA elementwise op with quantize's (``shrink``: bf16 → one byte per pair) or dequantize's
+  (byte → two bf16) bytes in and out: what XLA's own generated kernels stream at."""
+  if shrink:
+    v = jax.lax.bitcast_convert_type(x.reshape(-1, 2), jnp.uint16).astype(jnp.uint32)
+    return (v[:, 0] ^ v[:, 1]).astype(jnp.uint8)
+  v = x.reshape(-1, 1).astype(jnp.bfloat16)
+  return jnp.concatenate([v, -v], axis=1).reshape(-1)
+
+
+def _data_absmax(state):
+  return state.data, state.absmax
+
+
+def _config(geometry: int, **kw) -> tuple[KernelConfig, dict]:
+  elems, warps, tiles, evict = GEOMETRIES[geometry]
+  base = dict(elems_per_program=elems, num_warps=warps, tiles_per_program=tiles,
+              eviction_policy=evict)
+  return KernelConfig(**base, **kw), {**base, **kw}
+
+
+def _quantize_with(cfg: KernelConfig, interpret: bool):
+  return jax.jit(functools.partial(_quantize_4bit_kernel.quantize_4bit, blocksize=BLOCKSIZE,
+                                   quant_type="nf4", config=cfg, interpret=interpret))
+
+
+def _dequantize_with(cfg: KernelConfig, n: int, interpret: bool):
+  def run(s):
+    return _dequantize_4bit_kernel.dequantize_4bit(
+        s.data, s.absmax, s.code, *((s.nested_absmax, s.nested_code, s.offset)
+                                    if s.nested else ()),
+        blocksize=BLOCKSIZE, n=n, dtype=jnp.bfloat16, config=cfg, interpret=interpret)
+  return jax.jit(run)
+
+
+def sweep(flat, dq_states, dq_nested, n: int, *, reps: int, interpret: bool,
+          quantize_cases=QUANTIZE_SWEEP, dequantize_cases=DEQUANTIZE_SWEEP) -> list[dict]:
+  """Kernel launch configurations and code paths, all timed in alternation."""
+  cases, labels = {}, {}
+  for geometry, encoder, pairs in quantize_cases:
+    cfg, label = _config(geometry, encoder=encoder, pairs=pairs)
+    cases[f"quantize {cfg}"] = (_quantize_with(cfg, interpret), flat)
+    labels[f"quantize {cfg}"] = {"op": "quantize", **label}
+  for geometry, pairs in dequantize_cases:
+    cfg, label = _config(geometry, pairs=pairs)
+    for nested, sts in (("no", dq_states), ("yes", dq_nested)):
+      name = f"dequantize nested={nested} {cfg}"
+      cases[name] = (_dequantize_with(cfg, n, interpret), sts)
+      labels[name] = {"op": "dequantize", "nested": nested, **label}
+  swept = time_interleaved(cases, reps=reps)
+  return [{**labels[k], "median_us": t.median_us, "min_us": t.min_us}
+          for k, t in swept.items()]
+
+
 def _fmt(row):
   return " | ".join(str(v) for v in row)
 
@@ -73,7 +148,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="benchmarks/results/blockwise_quant.json")
   parser.add_argument("--reps", type=int, default=30)
-  parser.add_argument("--no-sweep", action="store_true")
+  parser.add_argument("--sweep", choices=("full", "short", "none"), default="full",
+                      help="launch configurations to time: all, the defaults' neighbours, none")
+  parser.add_argument("--no-8bit", action="store_true", help="skip the 8-bit kernels' figures")
   parser.add_argument("--size", type=int, default=SIZE, help="rows = columns (smoke tests)")
   parser.add_argument("--interpret", action="store_true", help="smoke tests on CPU only")
   args = parser.parse_args(argv)
@@ -143,12 +220,16 @@ def main(argv=None):
       "quantize_kernel_flat_input": (direct, flat),
       "quantize_double_quant": (quantize_dq, ws),
       "quantize_naive_jnp": (naive_q, ws),
+      "quantize_data_absmax_only": (jax.jit(lambda w: _data_absmax(quantize(w))), ws),
       "quantize_stream_only": (jax.jit(functools.partial(stream, shrink=True, interpret=it)), ws),
+      "quantize_xla_same_bytes": (jax.jit(functools.partial(xla_same_bytes, shrink=True)), ws),
       "dequantize": (dequantize, dq_states),
       "dequantize_double_quant": (dequantize, dq_nested),
       "dequantize_naive_jnp": (naive_dq, dq_nested),
       "dequantize_stream_only": (jax.jit(functools.partial(stream, shrink=False, interpret=it)),
                                  [(s.data,) for s in states]),
+      "dequantize_xla_same_bytes": (jax.jit(functools.partial(xla_same_bytes, shrink=False)),
+                                    [(s.data,) for s in states]),
   }, reps=reps)
   copy_t = timings["bf16_copy"]
   results["bf16_copy"] = {**copy_t.as_dict(), "bytes": copy_bytes,
@@ -172,7 +253,8 @@ def main(argv=None):
   copy_at_ceiling_us = copy_bytes / HBM_BYTES_PER_S * 1e6
   results["ratio_to_bf16_copy"], results["target_ratio_to_bf16_copy"] = {}, {}
   print(_fmt(["op", "jaxquant", "kernel (flat input)", "+double quant", "naive jnp",
-              "memory-only Pallas", "bf16 copy", "jaxquant / copy", "target / copy", "floor",
+              "memory-only Pallas", "memory-only XLA", "bf16 copy", "jaxquant / copy",
+              "target / copy", "floor",
               "target", "met (abs)", "met (ratio)"]))
   for op in ("quantize", "dequantize"):
     t = timings[op].median_us
@@ -183,72 +265,68 @@ def main(argv=None):
     print(_fmt([op, f"{t:.1f}", f"{flat_t.median_us:.1f}" if flat_t else "-",
                 f"{timings[op + '_double_quant'].median_us:.1f}",
                 f"{timings[op + '_naive_jnp'].median_us:.1f}",
-                f"{timings[op + '_stream_only'].median_us:.1f}", f"{copy_t.median_us:.1f}",
+                f"{timings[op + '_stream_only'].median_us:.1f}",
+                f"{timings[op + '_xla_same_bytes'].median_us:.1f}", f"{copy_t.median_us:.1f}",
                 f"{ratio:.2f}", f"{target_ratio:.2f}", f"{floors[op]:.1f}",
                 f"<= {TARGET_US[op]:.0f}", t <= TARGET_US[op], ratio <= target_ratio]))
   print("relative Frobenius error:", results["rel_frobenius_error"])
   print("exact:", exact, "kernel in compiled HLO:", results["kernel_in_compiled_hlo"])
 
-  q8 = jax.jit(lambda w: jq.quantize_blockwise(w, blocksize=256))
-  q8_naive = jax.jit(lambda w: jq.quantize_blockwise(w, blocksize=256, backend="xla"))
-  s8 = [q8(w) for w in weights]
-  results["blockwise8_bs256_us"] = {
-      "quantize": time_calls(q8, ws, reps=10).as_dict(),
-      "quantize_naive_jnp": time_calls(q8_naive, ws, reps=3, warmup=1).as_dict(),
-      "dequantize": time_calls(jax.jit(jq.dequantize_blockwise), [(s,) for s in s8],
-                               reps=reps).as_dict(),
-      "dequantize_naive_jnp": time_calls(
-          jax.jit(lambda s: jq.dequantize_blockwise(s, backend="xla")), [(s,) for s in s8],
-          reps=reps).as_dict(),
-  }
-  ref8 = q8_naive(weights[0])
-  with jax.default_device(cpu):
-    cpu8, cpu8_absmax = jax.jit(functools.partial(reference.quantize_8bit, blocksize=256))(
-        w_cpu, jax.device_put(s8[0].code, cpu))
-  k8, r8, c8 = (np.asarray(a).ravel() for a in (s8[0].data, ref8.data, cpu8))
-  bad = np.flatnonzero(k8 != c8)
-  w_host = np.asarray(weights[0].astype(jnp.float32)).ravel()
-  results["blockwise8_bs256_exact"] = {
-      "kernel_vs_xla_gpu_mismatches": int((k8 != r8).sum()),
-      "kernel_vs_cpu_mismatches": int(bad.size),
-      "xla_gpu_vs_cpu_mismatches": int((r8 != c8).sum()),
-      "absmax_kernel_vs_cpu_equal": bool(np.array_equal(np.asarray(s8[0].absmax).ravel(),
-                                                        np.asarray(cpu8_absmax))),
-      "first": [dict(i=int(i), x=float(w_host[i]), kernel=int(k8[i]), xla_gpu=int(r8[i]),
-                     cpu=int(c8[i]), absmax=float(np.asarray(cpu8_absmax)[i // 256]))
-                for i in bad[:5]],
-  }
-  print("8-bit exactness:", results["blockwise8_bs256_exact"])
-  print("8-bit blockwise (dynamic map, blocksize 256):",
-        {k: (round(v["median_us"], 1) if isinstance(v, dict) else v)
-         for k, v in results["blockwise8_bs256_us"].items()})
+  if not args.no_8bit:
+    q8 = jax.jit(lambda w: jq.quantize_blockwise(w, blocksize=256))
+    q8_naive = jax.jit(lambda w: jq.quantize_blockwise(w, blocksize=256, backend="xla"))
+    s8 = [q8(w) for w in weights]
+    results["blockwise8_bs256_us"] = {
+        "quantize": time_calls(q8, ws, reps=10).as_dict(),
+        "quantize_naive_jnp": time_calls(q8_naive, ws, reps=3, warmup=1).as_dict(),
+        "dequantize": time_calls(jax.jit(jq.dequantize_blockwise), [(s,) for s in s8],
+                                 reps=reps).as_dict(),
+        "dequantize_naive_jnp": time_calls(
+            jax.jit(lambda s: jq.dequantize_blockwise(s, backend="xla")), [(s,) for s in s8],
+            reps=reps).as_dict(),
+    }
+    ref8 = q8_naive(weights[0])
+    with jax.default_device(cpu):
+      cpu8, cpu8_absmax = jax.jit(functools.partial(reference.quantize_8bit, blocksize=256))(
+          w_cpu, jax.device_put(s8[0].code, cpu))
+    k8, r8, c8 = (np.asarray(a).ravel() for a in (s8[0].data, ref8.data, cpu8))
+    bad = np.flatnonzero(k8 != c8)
+    w_host = np.asarray(weights[0].astype(jnp.float32)).ravel()
+    results["blockwise8_bs256_exact"] = {
+        "kernel_vs_xla_gpu_mismatches": int((k8 != r8).sum()),
+        "kernel_vs_cpu_mismatches": int(bad.size),
+        "xla_gpu_vs_cpu_mismatches": int((r8 != c8).sum()),
+        "absmax_kernel_vs_cpu_equal": bool(np.array_equal(np.asarray(s8[0].absmax).ravel(),
+                                                          np.asarray(cpu8_absmax))),
+        "first": [dict(i=int(i), x=float(w_host[i]), kernel=int(k8[i]), xla_gpu=int(r8[i]),
+                       cpu=int(c8[i]), absmax=float(np.asarray(cpu8_absmax)[i // 256]))
+                  for i in bad[:5]],
+    }
+    print("8-bit exactness:", results["blockwise8_bs256_exact"])
+    print("8-bit blockwise (dynamic map, blocksize 256):",
+          {k: (round(v["median_us"], 1) if isinstance(v, dict) else v)
+           for k, v in results["blockwise8_bs256_us"].items()})
 
-  if not args.no_sweep:
-    cases, labels = {}, {}
-    for elems, warps, tiles, evict in SWEEP:
-      base = dict(elems_per_program=elems, num_warps=warps, tiles_per_program=tiles,
-                  eviction_policy=evict)
-      for encoder in ("table", "compare") if tiles == 1 and evict is None else ("table",):
-        cfg = KernelConfig(encoder=encoder, **base)
-        name = f"quantize {cfg}"
-        cases[name] = (jax.jit(functools.partial(
-            _quantize_4bit_kernel.quantize_4bit, blocksize=BLOCKSIZE, quant_type="nf4",
-            config=cfg, interpret=it)), flat)
-        labels[name] = {"op": "quantize", **base, "encoder": encoder}
-      cfg = KernelConfig(**base)
-      for nested, sts in (("no", dq_states), ("yes", dq_nested)):
-        name = f"dequantize nested={nested} {cfg}"
-        cases[name] = (jax.jit(lambda s, cfg=cfg: _dequantize_4bit_kernel.dequantize_4bit(
-            s.data, s.absmax, s.code, *((s.nested_absmax, s.nested_code, s.offset)
-                                        if s.nested else ()),
-            blocksize=BLOCKSIZE, n=n, dtype=jnp.bfloat16, config=cfg, interpret=it)), sts)
-        labels[name] = {"op": "dequantize", "nested": nested, **base}
-    swept = time_interleaved(cases, reps=max(1, reps // 2))
-    results["sweep"] = [{**labels[k], "median_us": t.median_us, "min_us": t.min_us}
-                        for k, t in swept.items()]
+  if args.sweep != "none":
+    short = args.sweep == "short"
+    results["sweep"] = sweep(flat, dq_states, dq_nested, n, reps=max(1, reps // 2),
+                             interpret=it,
+                             quantize_cases=QUANTIZE_SWEEP_SHORT if short else QUANTIZE_SWEEP,
+                             dequantize_cases=DEQUANTIZE_SWEEP_SHORT if short else
+                             DEQUANTIZE_SWEEP)
     print("sweep (median us, measured in alternation):")
     for row in results["sweep"]:
       print("  ", row)
+    absmax = [(s.absmax.reshape(-1) - jnp.mean(s.absmax),) for s in states]
+    code8 = jnp.asarray(codebooks.dynamic_map(True))
+    nested = time_interleaved({
+        f"{elems}/{warps}": (jax.jit(lambda a, cfg=KernelConfig(
+            elems_per_program=elems, num_warps=warps): _blockwise_8bit_kernel.quantize_8bit(
+                a, code8, blocksize=256, config=cfg, interpret=it)), absmax)
+        for elems, warps in NESTED_8BIT_SWEEP}, reps=reps)
+    results["nested_8bit_quantize_us"] = {k: v.median_us for k, v in nested.items()}
+    print("double quant's 8-bit pass over the absmax (elements/warps: median us):",
+          {k: round(v, 1) for k, v in results["nested_8bit_quantize_us"].items()})
 
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

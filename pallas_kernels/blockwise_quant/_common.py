@@ -44,8 +44,14 @@ class KernelConfig:
       before the current tile is processed, so memory latency overlaps the arithmetic.
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining stages.
-    encoder: 4-bit quantize only: ``"table"`` (bin lookup, see ``_encode4.py``) or
-      ``"compare"`` (one comparison per threshold).
+    encoder: 4-bit quantize only: ``"clamp"`` (a polynomial of the clamped value picks the
+      code up to one, one threshold lookup decides; any input), ``"poly"`` (the same without
+      the clamp, for programs whose absmax are all normal, else ``"compare"``), ``"table"``
+      (two lookups, same condition) or ``"compare"`` (one comparison per threshold); see
+      ``_encode4.py``.
+    pairs: 4-bit only, how the two nibbles of a byte are split from / joined into the
+      element stream: ``"split"`` (Triton's split / join of a trailing axis of two, in
+      registers) or ``"reduce"`` (a shifted sum over that axis / a broadcast and shift).
     eviction_policy: cache eviction hint for the streamed input (``None`` or Triton's
       ``"evict_first"`` / ``"evict_last"``).
   """
@@ -53,7 +59,8 @@ class KernelConfig:
   tiles_per_program: int = 1
   num_warps: int = 4
   num_stages: int = 1
-  encoder: str = "table"
+  encoder: str = "clamp"
+  pairs: str = "split"
   eviction_policy: str | None = None
 
 

@@ -13,7 +13,7 @@ golden files). XLA on the CPU flushes float32 subnormals to zero while the Trito
 them (IEEE, as bitsandbytes' CUDA kernels do): the compiled kernels are checked on subnormal
 blocks against a NumPy float32 (IEEE) twin of the reference instead. (XLA on the GPU is no
 oracle: its run of the 8-bit reference differs from the CPU's in ~3e-5 of the codes on the W3
-weights, see ``benchmarks/results/blockwise_quant.json``.)
+weights, see ``benchmarks/results/blockwise_quant_8bit.json``.)
 """
 
 from __future__ import annotations
@@ -178,6 +178,36 @@ def test_table_encoder_equals_thresholds(quant_type):
   got = _encode4.encode_table(s, thr, codes, quant_type)
   assert _equal(got, reference.encode_4bit(s, quant_type).astype(jnp.int32))
   assert _equal(_encode4.encode_compare(s, quant_type), got)
+  poly_thr = jnp.asarray(_encode4.poly_table(quant_type))
+  within = s[jnp.abs(s) <= 1.0001]
+  poly = _encode4.encode_poly(within, poly_thr, quant_type)
+  assert _equal(poly, reference.encode_4bit(within, quant_type).astype(jnp.int32))
+  # Clamped: any float32, NaN and ±inf included.
+  wide = jnp.concatenate([s, jnp.float32([np.nan, -np.nan, np.inf, -np.inf, 1.5, -1.5, 3e38,
+                                          -3e38, 1.0001, -1.0001, 1e-45, -1e-45])])
+  clamped = _encode4.encode_poly(wide, poly_thr, quant_type, clamp=True)
+  assert _equal(clamped, reference.encode_4bit(wide, quant_type).astype(jnp.int32))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_poly_encoder_bins_keep_every_threshold_inside(quant_type):
+  """The ``poly`` encoder's bin ``b`` of ``s`` satisfies ``t_{b-1} < s <= t_{b+1}`` with room:
+  on a dense grid of [-1.0001, 1.0001] (and next to every threshold) the exact polynomial stays
+  at least 0.03 bin away from a bin that would give a wrong code, so float32 rounding of its
+  evaluation (fused or not) cannot change a code."""
+  thresholds = np.array(getattr(reference, f"{quant_type.upper()}_THRESHOLDS"), np.float32)
+  coefs, constant = _encode4._POLY[quant_type]
+  lo = 0.0 if quant_type == "fp4" else -1.0001
+  key = np.concatenate([np.linspace(lo, 1.0001, 400_001, dtype=np.float32), thresholds,
+                        np.nextafter(thresholds, np.float32(2)), np.float32([0.0, 1.0])])
+  p = float(constant) + sum(float(c) * key.astype(np.float64) ** (k + 1)
+                            for k, c in enumerate(coefs))
+  code = np.searchsorted(thresholds, key, side="left")
+  lowest = np.maximum(code - 1, 0) - 0.5
+  highest = np.minimum(code, thresholds.size) + 0.5
+  assert min((p - lowest).min(), (highest - p).min()) > 0.03
+  b = _encode4.poly_bin(key, quant_type, xp=np)
+  assert np.all((b >= code - 1) & (b <= code)), quant_type
 
 
 def test_unsupported_arguments_fall_back_to_reference():
