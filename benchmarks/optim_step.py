@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,7 +44,6 @@ from benchmarks._timing import report_env  # noqa: E402
 import jaxquant.optim as jo  # noqa: E402
 import pallas_kernels  # noqa: E402
 from jaxquant.optim import _offload, _state  # noqa: E402
-from pallas_kernels.blockwise_quant import _common  # noqa: E402
 from pallas_kernels.optim_update import families, kernel  # noqa: E402
 
 HBM_TBPS = 3.0  # TARGETS.md ceiling, bytes read + written
@@ -145,11 +145,11 @@ def hbm_copy_tbps(n: int = 1 << 30) -> float:
 
 
 def _adam_leaf(dim: int):
-  g = 1e-3 * jax.random.normal(jax.random.key(3), (dim * dim,), jnp.float32)
+  g = 1e-3 * jax.random.normal(jax.random.key(3), (dim * dim // 256, 256), jnp.float32)
   p = 0.02 * jax.random.normal(jax.random.key(4), g.shape, jnp.float32)
   m = _state.zeros_8bit(p, True, 256)
   v = _state.zeros_8bit(p, False, 256)
-  codes = (m.data.reshape(-1), v.data.reshape(-1))
+  codes = (m.data, v.data)
   absmax = (m.absmax.reshape(-1), v.absmax.reshape(-1))
   fam = families.FAMILIES["adam"]
   hp = np.zeros(families.HP_SIZE, np.float32)
@@ -160,38 +160,37 @@ def _adam_leaf(dim: int):
 
 
 def _io_kernel(g_ref, p_ref, q1_ref, q2_ref, a1_ref, a2_ref, po_ref, q1o_ref, q2o_ref,
-               a1o_ref, a2o_ref, *, prog):
-  """The fused kernel's loads and stores with next to no arithmetic (the roofline)."""
-  tile = lambda ref: lambda t: _common.load_tile(ref, prog, t, prog.elems, prog.n)  # noqa
-  row = lambda ref: lambda t: _common.load_tile(ref, prog, t, prog.rows, prog.n_blocks)  # noqa
+               a1o_ref, a2o_ref, *, rows, tiles):
+  """The fused kernel's loads and stores (same tiles) with next to no arithmetic."""
+  view = lambda ref, start: ref if tiles == 1 else ref.at[pl.ds(start, rows)]  # noqa: E731
+  ins = (g_ref, p_ref, q1_ref, q2_ref, a1_ref, a2_ref)
 
-  def process(t, g, p, q1, q2, a1, a2):
-    _common.store_tile(po_ref, p + g, prog, t, prog.n)
-    _common.store_tile(q1o_ref, q1 + 1, prog, t, prog.n)
-    _common.store_tile(q2o_ref, q2 + 1, prog, t, prog.n)
-    _common.store_tile(a1o_ref, a1 * 2, prog, t, prog.n_blocks)
-    _common.store_tile(a2o_ref, a2 * 2, prog, t, prog.n_blocks)
+  def process(g, p, q1, q2, a1, a2, start=0):
+    view(po_ref, start)[...] = p + g
+    view(q1o_ref, start)[...] = q1 + 1
+    view(q2o_ref, start)[...] = q2 + 1
+    view(a1o_ref, start)[...] = a1 * 2
+    view(a2o_ref, start)[...] = a2 * 2
 
-  prog.for_each_tile([tile(g_ref), tile(p_ref), tile(q1_ref), tile(q2_ref), row(a1_ref),
-                      row(a2_ref)], process)
+  kernel._for_each_tile(rows, tiles, [lambda s, r=r: view(r, s)[...] for r in ins], process)
 
 
 def io_only(cfg: kernel.KernelConfig):
-  launch = cfg.launch()
-
   def fn(g, p, codes, absmax, maps, hp):
     del maps, hp
-    prog = _common.Program.make(g.size, 256, launch)
-    e, r = prog.spec(prog.elems), prog.spec(prog.rows)
+    rows, tiles = kernel.geometry(g.shape[0], cfg)
+    t = pl.BlockSpec((rows * tiles, 256), lambda i: (i, 0))
+    r = pl.BlockSpec((rows * tiles,), lambda i: (i,))
     outs = pl.pallas_call(
-        functools.partial(_io_kernel, prog=prog),
+        functools.partial(_io_kernel, rows=rows, tiles=tiles),
         out_shape=[jax.ShapeDtypeStruct(g.shape, jnp.float32)]
         + [jax.ShapeDtypeStruct(g.shape, jnp.uint8)] * 2
         + [jax.ShapeDtypeStruct(absmax[0].shape, jnp.float32)] * 2,
-        grid=prog.grid, in_specs=[e, e, e, e, r, r], out_specs=[e, e, e, r, r],
-        input_output_aliases={1: 0, 2: 1, 3: 2, 4: 3, 5: 4},
-        compiler_params=_common.compiler_params(launch), name="io_only")(
-            g, p, *codes, *absmax)
+        grid=(g.shape[0] // (rows * tiles),), in_specs=[t, t, t, t, r, r],
+        out_specs=[t, t, t, r, r], input_output_aliases={1: 0, 2: 1, 3: 2, 4: 3, 5: 4},
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
+                                                num_stages=cfg.num_stages),
+        name="io_only")(g, p, *codes, *absmax)
     return outs[0], tuple(outs[1:3]), tuple(outs[3:])
 
   return fn
@@ -204,7 +203,8 @@ def kernel_sweep(dim: int, configs) -> list[dict]:
   n = g.size
   gbytes = n * (4 + 4 + 4 + 2 + 2) + 4 * 4 * (n // 256)
   out = []
-  runs = [("pallas", c) for c in configs] + [("io_only", configs[0]), ("xla", None)]
+  runs = [("pallas", c) for c in configs] + [("io_only", c) for c in configs[:2]]
+  runs += [("xla", None)]
   for impl, cfg in runs:
     label = impl if cfg is None else f"{impl} {cfg}"
     try:
@@ -223,9 +223,8 @@ def kernel_sweep(dim: int, configs) -> list[dict]:
       out.append({"impl": impl, "config": label, "median_ms": t, "min_ms": tmin,
                   "tbps": gbytes / (t * 1e-3) / 1e12,
                   "cfg": None if cfg is None or impl != "pallas" else dict(
-                      elems_per_program=cfg.elems_per_program,
-                      tiles_per_program=cfg.tiles_per_program, num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages)})
+                      rows=cfg.rows, tiles_per_program=cfg.tiles_per_program,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)})
     except Exception as e:  # noqa: BLE001  (report every configuration)
       out.append({"impl": impl, "config": label, "error": f"{type(e).__name__}: {e}"[:600]})
     print(out[-1], flush=True)
@@ -281,9 +280,9 @@ def run_optax_adamw(params, grads, n_params, steps=20, warmup=3) -> dict:
   return res, params
 
 
-SWEEP = [kernel.KernelConfig(elems_per_program=e, tiles_per_program=t, num_warps=w)
-         for e, t, w in ((512, 1, 2), (1024, 1, 4), (1024, 4, 4), (2048, 2, 4), (2048, 4, 8),
-                         (4096, 2, 8), (1024, 8, 4), (512, 8, 2))]
+SWEEP = [kernel.KernelConfig(rows=r, tiles_per_program=t, num_warps=w)
+         for r, t, w in ((4, 4, 4), (1, 1, 1), (4, 1, 4), (2, 4, 2), (8, 1, 4), (8, 2, 8),
+                         (2, 8, 2), (4, 2, 2), (1, 8, 1))]
 
 
 def main() -> None:

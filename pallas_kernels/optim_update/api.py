@@ -36,10 +36,11 @@ def _kernel_call(g, p, codes, absmax, maps, hparams, *, family, flags, write, ma
                  codebook, config, interpret):
   del codebook
   shape = g.shape
-  flat = lambda x: x.reshape(-1)  # noqa: E731  (free: row-major, contiguous)
+  bs = shape[-1]
+  flat = lambda x: x.reshape(-1, bs)  # noqa: E731  (free: row-major, contiguous)
   out, new_codes, new_absmax = kernel.update_8bit(
       flat(g), None if p is None else flat(p), tuple(flat(q) for q in codes),
-      tuple(flat(a) for a in absmax), maps, hparams, family=family, flags=flags,
+      tuple(a.reshape(-1) for a in absmax), maps, hparams, family=family, flags=flags,
       write=write, max_unorm=max_unorm, interpret=interpret,
       config=config or kernel.DEFAULT_CONFIG)
   return (out.reshape(shape), tuple(q.reshape(shape) for q in new_codes),

@@ -12,9 +12,10 @@ This module computes the same byte arithmetically, in two steps:
    decades with ``n_i`` uniformly spaced codes each, 1.0 -- and inside the decade segment ``i``
    the coordinate ``u = y * A_i + C_i`` puts code ``base_i + j`` at ``u = base_i + j + 0.5`` and
    the midpoints at the integers, so ``floor(u)`` *is* the code index. The float32 exponent of
-   ``y = |x|`` selects an octave; an octave meets at most two segments, split at ``S[e]`` (the
-   midpoint between them, from the formula). Four lookups into small tables (``tables()``: ``S``
-   per exponent, ``A, C, H`` per exponent and side) and one fused multiply-add give ``u``;
+   ``y = |x|`` selects an octave; an octave meets at most two segments, split at ``S[o]`` (the
+   midpoint between them, from the formula). Four lookups into tables of 32 and 64 entries
+   (``tables()``: ``S`` per octave, ``A, C, H`` per octave and side) and one multiply-add give
+   ``u``;
    ``floor`` is a float add with the ``1.5 * 2**23`` magic constant (no float-to-int conversion).
 2. **Exact tie-break.** The formula's codes differ from the stored map by a few ulp, so a value
    within ``DELTA`` (in units of one code step) of a midpoint, or within ``2**-16`` (relative)
@@ -46,6 +47,11 @@ SPLIT_TOL = 2.0**-16  # relative half-width of the band around a segment split
 _MAGIC = 12582912.0  # 1.5 * 2**23: x + _MAGIC rounds x (|x| < 2**22) to an integer
 _MAGIC_BITS = 0x4B400000
 _NO_SPLIT = -1.0  # S of an octave inside one segment: every y >= 0 is "above" it
+# Octave o = clip(exponent - _OCTAVE_BIAS, 0, 31) covers [2**(o - 24), 2**(o - 23)); octave 0
+# also holds everything smaller (all below the first code's midpoint with 0.0), octaves from 24
+# on everything >= 1 (above the last midpoint, code 1.0), inf and NaN included.
+_OCTAVE_BIAS = 103
+N_OCTAVES = 32
 
 
 def _segments(signed: bool) -> list[tuple[float, float, float, float]]:
@@ -68,19 +74,19 @@ def _segments(signed: bool) -> list[tuple[float, float, float, float]]:
 
 @functools.cache
 def tables(signed: bool) -> dict[str, np.ndarray]:
-  """float32 tables of the encoder: ``S (256,)`` per biased exponent, ``A, C, H (512,)`` at
-  ``2 * exponent + (y > S)``."""
+  """float32 tables of the encoder: ``S (32,)`` per octave, ``A, C, H (64,)`` at
+  ``2 * octave + (y > S)`` (a 128-byte line and two)."""
   segs = _segments(signed)
   starts = [s[0] for s in segs]
-  split = np.full(256, _NO_SPLIT)
-  coef = np.zeros((3, 512))
-  for e in range(256):
-    low = 0.0 if e == 0 else 2.0 ** (e - 127)
-    high = 2.0 ** (e - 126) if e < 255 else np.inf
+  split = np.full(N_OCTAVES, _NO_SPLIT)
+  coef = np.zeros((3, 2 * N_OCTAVES))
+  for e in range(N_OCTAVES):
+    low = 0.0 if e == 0 else 2.0 ** (e - 24)
+    high = 2.0 ** (e - 23) if e < N_OCTAVES - 1 else np.inf
     seg = max(k for k, s in enumerate(starts) if s <= low)
     inside = [k for k, s in enumerate(starts) if low < s < high]
     if len(inside) > 1:
-      raise AssertionError(f"exponent {e} meets more than two segments")
+      raise AssertionError(f"octave {e} meets more than two segments")
     upper = inside[0] if inside else seg
     if inside:
       split[e] = starts[upper]
@@ -108,7 +114,7 @@ def encode(x: jax.Array, signed: bool, lookup: Lookup, midpoint: Midpoint) -> ja
   bits = jax.lax.bitcast_convert_type(x, jnp.int32)
   y_bits = bits & 0x7FFFFFFF
   y = jax.lax.bitcast_convert_type(y_bits, jnp.float32)
-  e = y_bits >> 23
+  e = jnp.clip((y_bits >> 23) - _OCTAVE_BIAS, 0, N_OCTAVES - 1)
   split = lookup("S", e)
   above = y > split
   s = e * 2 + above.astype(jnp.int32)

@@ -1,8 +1,8 @@
 """Fused 8-bit optimizer update as one Pallas (Triton) kernel per family.
 
-A program handles ``tiles_per_program`` tiles of ``elems_per_program // 256`` quantization blocks,
-issuing the next tile's loads before it processes the current one (``blockwise_quant._common``).
-Per tile it loads the gradient, the parameter (when needed), each state's codes and absmax,
+Arrays come in the blocked layout ``(n_blocks, 256)``. A program handles ``tiles_per_program``
+tiles of ``rows`` blocks (2-D tiles: a row is a block, so block reductions need no reshape),
+issuing the next tile's loads before it processes the current one. Per tile it loads the gradient, the parameter (when needed), each state's codes and absmax,
 decodes the states (a gather from the 256-entry map, exact), runs the family's math
 (``families.py``, the same code as the reference), writes the update or the new parameter, takes
 each new state's block absmax (NaN-propagating) and its correctly rounded reciprocal, and writes
@@ -26,7 +26,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.blockwise_quant import _common
 from pallas_kernels.optim_update import exact, families
 
-__all__ = ["KernelConfig", "DEFAULT_CONFIG", "update_8bit", "BLOCKSIZE"]
+__all__ = ["KernelConfig", "DEFAULT_CONFIG", "update_8bit", "geometry", "BLOCKSIZE"]
 
 BLOCKSIZE = 256
 
@@ -36,32 +36,39 @@ class KernelConfig:
   """Static launch parameters.
 
   Attributes:
-    elems_per_program: elements per tile (a power of two, a multiple of 256).
-    tiles_per_program: tiles one program processes, the next one's loads in flight while it
-      computes the current one.
+    rows: quantization blocks per tile (a power of two).
+    tiles_per_program: tiles one program processes (a power of two), the next one's loads in
+      flight while it computes the current one. A program covers ``rows * tiles_per_program``
+      blocks, or the largest power of two below that which divides the block count.
     num_warps: Triton warps per program.
     num_stages: Triton pipelining stages.
     alias: update parameters (``write="param"``) and state in place (``input_output_aliases``);
       without donation of those buffers by the caller XLA then copies them first.
   """
-  elems_per_program: int = 1024
-  tiles_per_program: int = 4
-  num_warps: int = 4
+  rows: int = 2
+  tiles_per_program: int = 1
+  num_warps: int = 2
   num_stages: int = 1
   alias: bool = True
 
   def __post_init__(self):
-    if not _common.is_power_of_two(self.elems_per_program) or self.elems_per_program < BLOCKSIZE:
-      raise ValueError(f"elems_per_program must be a power of two >= {BLOCKSIZE}, got "
-                       f"{self.elems_per_program!r}")
-    for name in ("tiles_per_program", "num_warps", "num_stages"):
+    for name in ("rows", "tiles_per_program"):
+      if not _common.is_power_of_two(getattr(self, name)):
+        raise ValueError(f"{name} must be a power of two, got {getattr(self, name)!r}")
+    for name in ("num_warps", "num_stages"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
 
-  def launch(self) -> _common.KernelConfig:
-    return _common.KernelConfig(elems_per_program=self.elems_per_program,
-                                tiles_per_program=self.tiles_per_program,
-                                num_warps=self.num_warps, num_stages=self.num_stages)
+
+def geometry(n_blocks: int, config: KernelConfig) -> tuple[int, int]:
+  """``(rows, tiles)`` of a launch over ``n_blocks``: the blocks per program are the largest
+  power of two ``<= rows * tiles_per_program`` dividing ``n_blocks`` (no program overhangs)."""
+  per_program = 1
+  while per_program * 2 <= config.rows * config.tiles_per_program and \
+      n_blocks % (per_program * 2) == 0:
+    per_program *= 2
+  rows = min(config.rows, per_program)
+  return rows, per_program // rows
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -92,7 +99,22 @@ def _quantize(s, map_ref, table_refs, signed, interpret):
   return codes.astype(jnp.uint8), absmax
 
 
-def _body(*refs, fam, flags, write, has_p, prog, interpret):
+def _for_each_tile(rows: int, tiles: int, loads, process) -> None:
+  """``process(*[load(start) for load in loads])`` for each tile of this program (``start``:
+  its first row in the program's block); the next tile's loads are issued first."""
+  if tiles == 1:
+    process(*[load(0) for load in loads])
+    return
+
+  def body(t, current):
+    upcoming = tuple(load(jnp.minimum(t + 1, tiles - 1) * rows) for load in loads)
+    process(*current, start=t * rows)
+    return upcoming
+
+  jax.lax.fori_loop(0, tiles, body, tuple(load(0) for load in loads))
+
+
+def _body(*refs, fam, flags, write, has_p, rows, tiles, interpret):
   n_states = fam.n_states
   it = iter(refs)
   hp_ref, g_ref = next(it), next(it)
@@ -107,29 +129,27 @@ def _body(*refs, fam, flags, write, has_p, prog, interpret):
   ao_refs = [next(it) for _ in range(n_states)]
 
   h = fam.unpack(lambda i: hp_ref[i])
-  tile = lambda ref: lambda t: _common.load_tile(ref, prog, t, prog.elems, prog.n)  # noqa: E731
-  row = lambda ref: lambda t: _common.load_tile(ref, prog, t, prog.rows, prog.n_blocks)  # noqa
-  loads = [tile(g_ref)] + ([tile(p_ref)] if has_p else [])
-  loads += [tile(r) for r in q_refs] + [row(r) for r in a_refs]
-  shape = (prog.rows, prog.blocksize)
+  view = lambda ref, start: ref if tiles == 1 else ref.at[pl.ds(start, rows)]  # noqa: E731
+  loads = [lambda s, r=r: view(r, s)[...] for r in
+           [g_ref] + ([p_ref] if has_p else []) + q_refs + a_refs]
 
-  def process(t, *values):
-    g = values[0].astype(jnp.float32).reshape(shape) * h["gscale"]
-    p = values[1].astype(jnp.float32).reshape(shape) if has_p else None
+  def process(*values, start=0):
+    g = values[0].astype(jnp.float32) * h["gscale"]
+    p = values[1].astype(jnp.float32) if has_p else None
     rest = values[1 + has_p:]
-    states = tuple(map_refs[k][rest[k].astype(jnp.int32).reshape(shape)]
-                   * rest[n_states + k][:, None] for k in range(n_states))
+    states = tuple(map_refs[k][rest[k].astype(jnp.int32)] * rest[n_states + k][:, None]
+                   for k in range(n_states))
     direction, new = fam.step(g, states, h, flags)
     u = families.epilogue(direction, p, h)
     out = p + u if write == "param" else u
-    _common.store_tile(out_ref, out.astype(out_ref.dtype).reshape(prog.elems), prog, t, prog.n)
+    view(out_ref, start)[...] = out.astype(out_ref.dtype)
     for k in range(n_states):
       codes, absmax = _quantize(new[k], map_refs[k], table_refs[fam.signed[k]], fam.signed[k],
                                 interpret)
-      _common.store_tile(qo_refs[k], codes.reshape(prog.elems), prog, t, prog.n)
-      _common.store_tile(ao_refs[k], absmax, prog, t, prog.n_blocks)
+      view(qo_refs[k], start)[...] = codes
+      view(ao_refs[k], start)[...] = absmax
 
-  prog.for_each_tile(loads, process)
+  _for_each_tile(rows, tiles, loads, process)
 
 
 def out_dtype_for(write: str, g: jax.Array, p: jax.Array | None):
@@ -141,11 +161,7 @@ def update_8bit(g: jax.Array, p: jax.Array | None, codes: tuple[jax.Array, ...],
                 *, family: str, flags: tuple[tuple[str, bool], ...] = (), write: str = "update",
                 max_unorm: float = 0.0, interpret: bool = False,
                 config: KernelConfig = DEFAULT_CONFIG):
-  """The fused kernel; same contract as ``reference.update_8bit`` for flat arrays.
-
-  Args:
-    g: gradient ``(n,)``, ``n`` a multiple of 256; ``p`` and each of ``codes`` the same.
-    absmax: per state ``float32 (n // 256,)``; ``maps`` per state the sorted dynamic map.
+  """The fused kernel; same contract as ``reference.update_8bit`` for ``g (n_blocks, 256)``.
 
   ``max_unorm`` must be 0 (a whole-tensor norm needs a second pass; ``api.supports`` sends
   such calls to the reference).
@@ -156,17 +172,19 @@ def update_8bit(g: jax.Array, p: jax.Array | None, codes: tuple[jax.Array, ...],
     raise ValueError(f"write must be 'update' or 'param', got {write!r}")
   if write == "param" and p is None:
     raise ValueError("write='param' needs the parameters (p), got p=None")
-  if g.ndim != 1 or g.size % BLOCKSIZE:
-    raise ValueError(f"g must be flat with a multiple of {BLOCKSIZE} elements, got {g.shape}")
+  if g.ndim != 2 or g.shape[1] != BLOCKSIZE:
+    raise ValueError(f"g must have shape (n_blocks, {BLOCKSIZE}), got {g.shape}")
   fam = families.FAMILIES[family]
   n_states = fam.n_states
-  prog = _common.Program.make(g.size, BLOCKSIZE, config.launch())
+  n_blocks = g.shape[0]
+  rows, tiles = geometry(n_blocks, config)
   has_p = p is not None
 
   whole = lambda n: pl.BlockSpec((n,), lambda i: (0,))  # noqa: E731
-  elems, rows = prog.spec(prog.elems), prog.spec(prog.rows)
+  tile = pl.BlockSpec((rows * tiles, BLOCKSIZE), lambda i: (i, 0))
+  row = pl.BlockSpec((rows * tiles,), lambda i: (i,))
   args = [hparams.astype(jnp.float32), g] + ([p] if has_p else [])
-  in_specs = [whole(families.HP_SIZE), elems] + ([elems] if has_p else [])
+  in_specs = [whole(families.HP_SIZE), tile] + ([tile] if has_p else [])
   args += [m.astype(jnp.float32) for m in maps]
   in_specs += [whole(256)] * n_states
   for signed in sorted(set(fam.signed)):
@@ -175,8 +193,8 @@ def update_8bit(g: jax.Array, p: jax.Array | None, codes: tuple[jax.Array, ...],
       args.append(jnp.asarray(table))
       in_specs.append(whole(table.size))
   first_state = len(args)
-  args += list(codes) + list(absmax)
-  in_specs += [elems] * n_states + [rows] * n_states
+  args += list(codes) + [a.reshape(n_blocks) for a in absmax]
+  in_specs += [tile] * n_states + [row] * n_states
   out_dtype = out_dtype_for(write, g, p)
   aliases = {}
   if config.alias:
@@ -186,15 +204,17 @@ def update_8bit(g: jax.Array, p: jax.Array | None, codes: tuple[jax.Array, ...],
 
   out_shape = ([jax.ShapeDtypeStruct(g.shape, out_dtype)]
                + [jax.ShapeDtypeStruct(g.shape, jnp.uint8)] * n_states
-               + [jax.ShapeDtypeStruct((prog.n_blocks,), jnp.float32)] * n_states)
-  out_specs = [elems] * (1 + n_states) + [rows] * n_states
+               + [jax.ShapeDtypeStruct((n_blocks,), jnp.float32)] * n_states)
+  out_specs = [tile] * (1 + n_states) + [row] * n_states
   body = functools.partial(_body, fam=fam, flags=families.flag_dict(fam, flags), write=write,
-                           has_p=has_p, prog=prog, interpret=interpret)
+                           has_p=has_p, rows=rows, tiles=tiles, interpret=interpret)
   _common.silence_triton_deprecation()
   outs = pl.pallas_call(
-      body, out_shape=out_shape, grid=prog.grid, in_specs=in_specs, out_specs=out_specs,
-      interpret=interpret, name=f"optim_{family}_8bit", input_output_aliases=aliases,
-      compiler_params=_common.compiler_params(config.launch()),
+      body, out_shape=out_shape, grid=(n_blocks // (rows * tiles),), in_specs=in_specs,
+      out_specs=out_specs, interpret=interpret, name=f"optim_{family}_8bit",
+      input_output_aliases=aliases,
+      compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
+                                              num_stages=config.num_stages),
   )(*args)
   out, rest = outs[0], outs[1:]
   return out, tuple(rest[:n_states]), tuple(rest[n_states:])

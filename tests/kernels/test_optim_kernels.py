@@ -172,7 +172,7 @@ def test_exact_encoder_margins(signed):
   mids = ((table[1:] + table[:-1]) * 0.5).astype(np.float32)
   b = np.arange(1, 256)[mids > 0]
   y = mids[mids > 0]
-  e = y.view(np.int32) >> 23
+  e = np.clip((y.view(np.int32) >> 23) - exact._OCTAVE_BIAS, 0, exact.N_OCTAVES - 1)
   split = tabs["S"][e].astype(np.float64)
   s = 2 * e + (y > split)
   u = np.minimum(y * tabs["A"][s].astype(np.float64) + tabs["C"][s], tabs["H"][s])
@@ -186,8 +186,8 @@ def test_exact_encoder_margins(signed):
 
 
 @functools.cache
-def _interpret_fn(case, write, elems=1024, tiles=2):
-  cfg = kernel.KernelConfig(elems_per_program=elems, tiles_per_program=tiles)
+def _interpret_fn(case, write, rows=4, tiles=2):
+  cfg = kernel.KernelConfig(rows=rows, tiles_per_program=tiles)
   return jax.jit(functools.partial(api.update_8bit_interpret, family=_family(case),
                                    flags=CASES[case][0], write=write, config=cfg))
 
@@ -203,9 +203,9 @@ def test_interpret_matches_reference(case):
   _compare(case, got, want, _exact_states(case, g, codes, absmax, maps, hp))
 
 
-def test_interpret_without_params_bf16_and_ragged_grid():
-  # 7 blocks in tiles of 4 blocks, 2 tiles per program: the last tile is masked; bfloat16
-  # gradient, no parameter input.
+def test_interpret_without_params_bf16_and_odd_block_count():
+  # 7 blocks: one block per program (no larger power of two divides 7); bfloat16 gradient,
+  # no parameter input.
   g, _, codes, absmax, maps = _inputs("lion", n_blocks=7, dtype=jnp.bfloat16)
   hp = _hparams("lion", wd=0.0)
   got = _interpret_fn("lion", "update")(g, None, codes, absmax, maps, hp)
@@ -266,7 +266,7 @@ def _strict_run(family, n_blocks, fn):
 
 @pytest.mark.parametrize("family", ["adam", "momentum"])
 def test_interpret_codes_are_reference_bytes(family):
-  cfg = kernel.KernelConfig(elems_per_program=2048, tiles_per_program=2)
+  cfg = kernel.KernelConfig(rows=4, tiles_per_program=2)
   _strict_run(family, 16, lambda f: jax.jit(functools.partial(
       api.update_8bit_interpret, family=f, config=cfg)))
 
@@ -280,17 +280,21 @@ def test_supports_routes_to_reference():
                           maps, hp, family="adam")
   assert not api.supports(g, p, codes, absmax, maps, hp, family="adam", codebook="linear")
   with pytest.raises(NotImplementedError, match="max_unorm"):
-    kernel.update_8bit(g.reshape(-1), p.reshape(-1), codes, absmax, maps, hp, family="adam",
-                       max_unorm=1.0, interpret=True)
+    kernel.update_8bit(g, p, codes, absmax, maps, hp, family="adam", max_unorm=1.0,
+                       interpret=True)
   with pytest.raises(ValueError, match="write"):
     reference.update_8bit(g, p, codes, absmax, maps, hp, family="adam", write="params")
 
 
-def test_kernel_config_rejects_bad_values():
-  with pytest.raises(ValueError, match="elems_per_program"):
-    kernel.KernelConfig(elems_per_program=300)
+def test_kernel_config_and_geometry():
+  with pytest.raises(ValueError, match="rows"):
+    kernel.KernelConfig(rows=3)
   with pytest.raises(ValueError, match="tiles_per_program"):
     kernel.KernelConfig(tiles_per_program=0)
+  cfg = kernel.KernelConfig(rows=4, tiles_per_program=8)
+  assert kernel.geometry(262144, cfg) == (4, 8)
+  assert kernel.geometry(24, cfg) == (4, 2)  # 8 blocks per program
+  assert kernel.geometry(7, cfg) == (1, 1)
 
 
 # -- compiled on the GPU ----------------------------------------------------------------------
@@ -314,20 +318,20 @@ def test_gpu_kernel_matches_reference(case, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["adam", "momentum"])
-@pytest.mark.parametrize("elems, tiles, warps", [(256, 1, 1), (1024, 4, 4), (4096, 2, 8)])
-def test_gpu_codes_are_reference_bytes(family, elems, tiles, warps):
-  cfg = kernel.KernelConfig(elems_per_program=elems, tiles_per_program=tiles, num_warps=warps)
+@pytest.mark.parametrize("rows, tiles, warps", [(1, 1, 1), (4, 4, 4), (16, 2, 8)])
+def test_gpu_codes_are_reference_bytes(family, rows, tiles, warps):
+  cfg = kernel.KernelConfig(rows=rows, tiles_per_program=tiles, num_warps=warps)
   _strict_run(family, 1000, lambda f: jax.jit(functools.partial(
       api.update_8bit_pallas, family=f, config=cfg)))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("elems, tiles, warps", [(256, 1, 1), (1024, 4, 4), (4096, 2, 8)])
-def test_gpu_kernel_configs(elems, tiles, warps):
+@pytest.mark.parametrize("rows, tiles, warps", [(1, 1, 1), (4, 4, 4), (16, 2, 8)])
+def test_gpu_kernel_configs(rows, tiles, warps):
   g, p, codes, absmax, maps = _inputs("ademamix", n_blocks=1000, seed=3)
   hp = _hparams("ademamix")
   want = reference.update_8bit(g, p, codes, absmax, maps, hp, family="ademamix", write="param")
-  cfg = kernel.KernelConfig(elems_per_program=elems, tiles_per_program=tiles, num_warps=warps)
+  cfg = kernel.KernelConfig(rows=rows, tiles_per_program=tiles, num_warps=warps)
   got = jax.jit(functools.partial(api.update_8bit_pallas, family="ademamix", write="param",
                                   config=cfg))(g, p, codes, absmax, maps, hp)
   _compare("ademamix", got, want, _exact_states("ademamix", g, codes, absmax, maps, hp))
