@@ -7,8 +7,7 @@ the packed weight is instead decoded once, with the same register decode as the 
 (:class:`._decode.Decoder`), into a transient ``(N, K)`` array in the activation dtype that
 XLA's dot (cuBLAS) consumes. It costs one extra write and read of the dense weight (``4 N K``
 bytes in bf16). This writes the dequantized weight to HBM: only the tuning table chooses it,
-per shape, and only where it is the faster path. With ``config.pairs`` (bfloat16/float16) the
-tile is decoded by :func:`._pairs.decode` and its even and odd halves joined in registers.
+per shape, and only where it is the faster path.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.fourbit_matmul import _decode, _lut, _pairs
+from pallas_kernels.fourbit_matmul import _decode
 from pallas_kernels.fourbit_matmul._tuning import Config
 
 __all__ = ["dequantize", "dequantize_then_dot", "dequantize_then_dot_grad", "KERNEL_NAME"]
@@ -28,8 +27,7 @@ __all__ = ["dequantize", "dequantize_then_dot", "dequantize_then_dot_grad", "KER
 KERNEL_NAME = "jaxquant_matmul_4bit_dequant"
 
 
-def _kernel(*refs, layout: _decode.Layout, block_n: int, nested: bool, pairs: bool,
-            interpret: bool):
+def _kernel(*refs, layout: _decode.Layout, block_n: int, nested: bool, interpret: bool):
   w, rest = _decode.split_refs(refs, nested)
   o_ref = rest[-1]
   n0 = pl.program_id(0) * block_n
@@ -37,12 +35,7 @@ def _kernel(*refs, layout: _decode.Layout, block_n: int, nested: bool, pairs: bo
   row_mask = rows < layout.n if layout.n % block_n else None
   decoder = _decode.Decoder.create(w, layout, o_ref.dtype, interpret)
   step = pl.program_id(1)
-  if pairs:  # even/odd halves, interleaved back in registers
-    p, scale = decoder.raw(n0, block_n, step, row_mask)
-    even, odd = _pairs.decode(p, scale, decoder.tables, w.code, o_ref.dtype, interpret)
-    tile = jnp.stack([even, odd], axis=-1).reshape(block_n, layout.block_k)
-  else:
-    tile = decoder.tile(n0, block_n, step, row_mask)
+  tile = decoder.tile(n0, block_n, step, row_mask)
   dest = o_ref.at[pl.ds(n0, block_n), pl.ds(step * layout.block_k, layout.block_k)]
   if row_mask is None:
     dest[...] = tile
@@ -62,9 +55,8 @@ def dequantize(weights: tuple[jax.Array, ...], dtype, *, layout: _decode.Layout,
     interpret: run the kernel in the Pallas interpreter.
     poison: fill the output with NaN first (tests: every element must be written).
   """
-  pairs = config.pairs and jnp.dtype(dtype) in _lut.FAST_DTYPES
   kernel = functools.partial(_kernel, layout=layout, block_n=config.block_n,
-                             nested=len(weights) == 7, pairs=pairs, interpret=interpret)
+                             nested=len(weights) == 7, interpret=interpret)
   grid = (pl.cdiv(layout.n, config.block_n), layout.k // config.block_k)
   return _decode.launch(kernel, jax.ShapeDtypeStruct((layout.n, layout.k), dtype), grid,
                         weights, name=KERNEL_NAME, num_warps=config.num_warps,

@@ -15,13 +15,20 @@ high bytes; two more ``prmt`` build the 16-bit pairs. About 23 instructions per 
 
 :func:`decode` returns the even/odd tiles scaled by the absmax (rounded to the dtype, as
 :mod:`._lut` does), for the tensor-core kernels. :func:`dot_step` is the small-M step: for each
-row of ``x`` it multiplies the decoded, unscaled code pairs with ``x``'s pairs in packed
-``bf16x2``/``f16x2`` FMAs (4 per 8 weights), adds the two halves in float32 and applies the
-absmax with one float32 FMA per 8 weights into a float32 accumulator. The weights are therefore
-``dtype(code[q])`` times a float32 absmax, with products summed four at a time in the
-activation dtype: differences from the reference's ``dtype(code[q] * absmax)`` products stay
-below the dtype's rounding of the sum. The eight weights of one instance (4 bytes of one
-sub-block, consecutive along the last axis of the tile) share one absmax.
+row of ``x`` it multiplies the decoded, unscaled code pairs with ``x``'s even/odd pairs in
+packed ``bf16x2``/``f16x2`` arithmetic (a multiply and an FMA per two bytes, so each byte's two
+products are summed in the activation dtype), widens the sums to float32 and applies the
+absmax with a float32 FMA per byte into a float32 accumulator: about 35 instructions per 8
+weights at ``M = 1``, 12 more per extra row. The weights are thus ``dtype(code[q])`` times a
+float32 absmax, with pairs of products rounded to the dtype: differences from the reference's
+``dtype(code[q] * absmax)`` products are of the order of the dtype's rounding.
+
+Both blocks are elementwise in the packed bytes (each output element depends only on the
+inputs at its own position), so they are correct however Triton groups the four elements of
+one instance. (A first version summed the four bytes of an instance into one accumulator; it
+was wrong on the GPU for small tiles, where Triton groups elements of different rows.)
+``tests/kernels/test_fourbit_matmul_asm.py`` checks the PTX text against these semantics
+with a small PTX interpreter.
 
 In interpret mode the same arithmetic runs as jnp.
 """
@@ -34,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["split_x", "decode", "dot_step"]
+__all__ = ["split_x", "decode", "dot_step", "decode_asm", "dot_asm"]
 
 _PACK = 4  # packed bytes per asm instance (one 32-bit register, 8 weights)
 
@@ -102,8 +109,8 @@ prmt.b32 {lo}, a, b, t;
 prmt.b32 a, {t[4]}, {t[5]}, s;
 prmt.b32 b, {t[6]}, {t[7]}, s;
 prmt.b32 {hi}, a, b, t;"""
-  return (".reg .b32 s, t, a, b, la, ha, lb, hb, e0, e1, o0, o1, q, s01, s23;\n"
-          ".reg .f32 f, g;\n.reg .b16 h0, h1;"
+  return (".reg .b32 s, t, a, b, la, ha, lb, hb, e0, e1, o0, o1, q, r, s01, s23;\n"
+          ".reg .f32 f0, f1, f2, f3;\n.reg .b16 h0, h1;"
           + half(p, 1, "la", "ha") + f"\nshr.b32 s, {p}, 16;" + half("s", 17, "lb", "hb")
           + """
 prmt.b32 e0, la, ha, 0x7351;
@@ -129,10 +136,26 @@ def _code(packed, code_ref, dtype):
   return code[(packed >> 4).astype(jnp.int32)], code[(packed & 0xF).astype(jnp.int32)]
 
 
+def decode_asm(dtype) -> tuple[str, str]:
+  """PTX and constraints of :func:`decode`'s block (operands: even, odd outputs; packed
+  bytes; 4 absmax; 8 x 4 table words)."""
+  _, [p], s, tab = _operands(0, (4, 1, _PACK, 8 * _PACK))
+  kind = _kind(dtype)
+  asm = "{\n" + _lookup(p, tab[::_PACK]) + f"""
+cvt.rn.{kind}.f32 s01, {s[1]}, {s[0]};
+cvt.rn.{kind}.f32 s23, {s[3]}, {s[2]};
+mul.rn.{kind} $0, e0, s01;
+mul.rn.{kind} $1, e1, s23;
+mul.rn.{kind} $2, o0, s01;
+mul.rn.{kind} $3, o1, s23;
+}}"""
+  return asm, ",".join(["=r"] * 4 + ["r"] + ["f"] * _PACK + ["r"] * (8 * _PACK))
+
+
 def decode(packed: jax.Array, scale: jax.Array, tables, code_ref, dtype,
            interpret: bool) -> tuple[jax.Array, jax.Array]:
   """Even and odd weights ``(rows, nb, h)`` in ``dtype`` from packed bytes ``(rows, nb, h)``
-  uint8 and the float32 absmax ``(rows, nb)``.
+  uint8 and the float32 absmax ``(rows, nb)``: ``dtype(dtype(code[q]) * dtype(absmax))``.
 
   Args:
     packed: packed bytes (weight ``2 j`` in the high nibble of byte ``j``).
@@ -146,18 +169,7 @@ def decode(packed: jax.Array, scale: jax.Array, tables, code_ref, dtype,
   if interpret:
     s = scale.astype(dtype).astype(jnp.float32)
     return tuple((c * s).astype(dtype) for c in _code(packed, code_ref, dtype))
-  _, [p], s, tab = _operands(0, (4, 1, _PACK, 8 * _PACK))
-  kind = _kind(dtype)
-  cvt = "bf16x2" if kind == "bf16x2" else "f16x2"
-  asm = "{\n" + _lookup(p, tab[::_PACK]) + f"""
-cvt.rn.{cvt}.f32 s01, {s[1]}, {s[0]};
-cvt.rn.{cvt}.f32 s23, {s[3]}, {s[2]};
-mul.rn.{kind} $0, e0, s01;
-mul.rn.{kind} $1, e1, s23;
-mul.rn.{kind} $2, o0, s01;
-mul.rn.{kind} $3, o1, s23;
-}}"""
-  constraints = ",".join(["=r"] * 4 + ["r"] + ["f"] * _PACK + ["r"] * (8 * _PACK))
+  asm, constraints = decode_asm(dtype)
   args = [packed, scale] + [jnp.broadcast_to(t, packed.shape) for t in tables]
   out = jax.ShapeDtypeStruct(packed.shape, dtype)
   even, odd = _inline_asm(
@@ -165,11 +177,41 @@ mul.rn.{kind} $3, o1, s23;
   return even, odd
 
 
+def dot_asm(dtype, m: int) -> tuple[str, str]:
+  """PTX and constraints of :func:`dot_step`'s block for ``m`` rows of ``x`` (operands:
+  ``m`` x 4 accumulator outputs; packed bytes; 4 absmax; 8 x 4 table words; per row: 2 + 2
+  registers of even/odd ``x`` pairs and 4 accumulators)."""
+  ops = _operands(0, [_PACK] * m + [1, _PACK, 8 * _PACK] + [2, 2, _PACK] * m)
+  outs, (p,), s, tab, rows = ops[:m], ops[m], ops[m + 1], ops[m + 2], ops[m + 3:]
+  kind = _kind(dtype)
+
+  def widen(src, lo, hi):  # the two 16-bit lanes of src as float32
+    if kind == "bf16x2":
+      return f"shl.b32 {lo}, {src}, 16;\nand.b32 {hi}, {src}, 0xFFFF0000;"
+    return f"mov.b32 {{h0, h1}}, {src};\ncvt.f32.f16 {lo}, h0;\ncvt.f32.f16 {hi}, h1;"
+
+  body = ["{", _lookup(p, tab[::_PACK])]
+  for i in range(m):
+    xe, xo, acc = rows[3 * i], rows[3 * i + 1], rows[3 * i + 2]
+    out = outs[i]
+    body.append(f"""mul.rn.{kind} q, e0, {xe[0]};
+fma.rn.{kind} q, o0, {xo[0]}, q;
+mul.rn.{kind} r, e1, {xe[1]};
+fma.rn.{kind} r, o1, {xo[1]}, r;
+{widen("q", "f0", "f1")}
+{widen("r", "f2", "f3")}""")
+    body += [f"fma.rn.f32 {out[j]}, f{j}, {s[j]}, {acc[j]};" for j in range(_PACK)]
+  body.append("}")
+  constraints = ",".join(["=f"] * (_PACK * m) + ["r"] + ["f"] * _PACK + ["r"] * (8 * _PACK)
+                         + (["r"] * 4 + ["f"] * _PACK) * m)
+  return "\n".join(body), constraints
+
+
 def dot_step(packed: jax.Array, scale: jax.Array, xs: Sequence[tuple[jax.Array, jax.Array]],
              accs: Sequence[jax.Array], tables, code_ref, dtype,
              interpret: bool) -> list[jax.Array]:
-  """One reduction step of the small-M kernel: ``accs[i] += scale * (W_even * x_even_i +
-  W_odd * x_odd_i)``, summed over each instance's 8 weights into one of its 4 elements.
+  """One reduction step of the small-M kernel, per packed byte (element): ``accs[i] +=
+  absmax * (code[hi] * x_even_i + code[lo] * x_odd_i)``, the two products summed in ``dtype``.
 
   Args:
     packed: ``(rows, nb, h)`` uint8 packed bytes.
@@ -179,7 +221,7 @@ def dot_step(packed: jax.Array, scale: jax.Array, xs: Sequence[tuple[jax.Array, 
     tables, code_ref, dtype, interpret: as :func:`decode`.
 
   Returns:
-    The updated accumulators; only their sums are meaningful.
+    The updated accumulators.
   """
   shape = packed.shape
   scale = jnp.broadcast_to(scale[:, :, None], shape)
@@ -189,38 +231,10 @@ def dot_step(packed: jax.Array, scale: jax.Array, xs: Sequence[tuple[jax.Array, 
     ce, co = _code(packed, code_ref, dtype)
     return [acc + scale * (ce * xe.astype(jnp.float32) + co * xo.astype(jnp.float32))
             for (xe, xo), acc in zip(xs, accs)]
-  m = len(accs)
-  ops = _operands(0, [_PACK] * m + [1, _PACK, 8 * _PACK] + [2, 2, _PACK] * m)
-  outs, (p,), s, tab, rows = ops[:m], ops[m], ops[m + 1], ops[m + 2], ops[m + 3:]
-  kind = _kind(dtype)
-  if kind == "bf16x2":
-    widen = """shl.b32 f, q, 16;
-and.b32 g, q, 0xFFFF0000;"""
-  else:
-    widen = """mov.b32 {h0, h1}, q;
-cvt.f32.f16 f, h0;
-cvt.f32.f16 g, h1;"""
-  body = ["{", _lookup(p, tab[::_PACK])]
-  for i in range(m):
-    xe, xo, acc = rows[3 * i], rows[3 * i + 1], rows[3 * i + 2]
-    out = outs[i]
-    body.append(f"""mul.rn.{kind} q, e0, {xe[0]};
-fma.rn.{kind} q, o0, {xo[0]}, q;
-fma.rn.{kind} q, e1, {xe[1]}, q;
-fma.rn.{kind} q, o1, {xo[1]}, q;
-{widen}
-add.f32 f, f, g;
-fma.rn.f32 {out[0]}, f, {s[0]}, {acc[0]};
-mov.f32 {out[1]}, {acc[1]};
-mov.f32 {out[2]}, {acc[2]};
-mov.f32 {out[3]}, {acc[3]};""")
-  body.append("}")
-  constraints = ",".join(["=f"] * (_PACK * m) + ["r"] + ["f"] * _PACK + ["r"] * (8 * _PACK)
-                         + (["r"] * 4 + ["f"] * _PACK) * m)
+  asm, constraints = dot_asm(dtype, len(accs))
   args = [packed, scale] + [jnp.broadcast_to(t, shape) for t in tables]
   for (xe, xo), acc in zip(xs, accs):
     args += [xe, xo, acc]
   out = jax.ShapeDtypeStruct(shape, jnp.float32)
-  return list(_inline_asm(
-      "\n".join(body), args=args, constraints=constraints, pack=_PACK,
-      result_shape_dtypes=[out] * m))
+  return list(_inline_asm(asm, args=args, constraints=constraints, pack=_PACK,
+                          result_shape_dtypes=[out] * len(accs)))

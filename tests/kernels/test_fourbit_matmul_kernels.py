@@ -63,14 +63,14 @@ CASES = [
          Config("gemm", block_m=128, block_n=16, block_k=64, group_m=2)),
     Case((16,), 72, 512, 256, "nf4", True, jnp.bfloat16, False,
          Config("gemv", block_n=16, block_k=512),
-         Config("dq_dot", block_n=16, block_k=256, pairs=True)),
+         Config("dq_dot", block_n=16, block_k=256)),
     # even/odd pair decode (_pairs): fused GEMV (one and several rows, split-K) and tiles
     Case((1,), 200, 320, 64, "nf4", True, jnp.bfloat16, True,
          Config("gemv", block_n=64, block_k=64, pairs=True),
          Config("gemm", block_m=16, block_n=32, block_k=64)),
     Case((2, 3), 130, 512, 128, "fp4", False, jnp.float16, True,
          Config("gemv", block_n=32, block_k=128, split_k=2, pairs=True, prefetch=True),
-         Config("dq_dot", block_n=32, block_k=128, pairs=True)),
+         Config("gemm", block_m=16, block_n=32, block_k=128, w_lhs=True)),
     Case((16,), 72, 512, 64, "nf4", True, jnp.bfloat16, False,
          Config("gemm", block_m=16, block_n=32, block_k=128, split_k=2, pairs=True),
          Config("gemm", block_m=16, block_n=32, block_k=64)),
@@ -81,7 +81,7 @@ CASES = [
 ]
 IDS = [f"M{int(np.prod(c.lead))}-{c.n}x{c.k}-bs{c.blocksize}-{c.quant_type}"
        f"{'-dq' if c.nested else ''}-{jnp.dtype(c.dtype).name}"
-       f"{'-pairs' if c.forward.pairs or c.backward.pairs else ''}"
+       f"{'-pairs' if c.forward.pairs else ''}"
        f"{'-prefetch' if c.forward.prefetch else ''}"
        for c in CASES]
 
