@@ -25,8 +25,10 @@ float32 absmax, with pairs of products rounded to the dtype: differences from th
 
 Both blocks are elementwise in the packed bytes (each output element depends only on the
 inputs at its own position), so they are correct however Triton groups the four elements of
-one instance. (A first version summed the four bytes of an instance into one accumulator; it
-was wrong on the GPU for small tiles, where Triton groups elements of different rows.)
+one instance. (A first version summed the four bytes of an instance into one accumulator, 4
+fewer instructions per 8 weights and about 15 % faster at ``M = 1``; it gave wrong results on
+the GPU for a tile of fewer than 4 bytes per thread, where an instance's elements are not 4
+consecutive bytes of one row.)
 ``tests/kernels/test_fourbit_matmul_asm.py`` checks the PTX text against these semantics
 with a small PTX interpreter.
 

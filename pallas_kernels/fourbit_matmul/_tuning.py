@@ -110,8 +110,8 @@ def _split(programs: int, steps: int) -> int:
 # decode-then-dot beyond (the in-kernel decode costs more than the product there).
 def _heuristic_forward(m: int, n: int, k: int, blocksize: int) -> Config:
   if m <= MAX_GEMV_M:
-    return Config("gemv", block_m=1, block_n=4, block_k=_block_k(k, blocksize, 1024),
-                  num_warps=4, num_stages=1, pairs=True)
+    return Config("gemv", block_m=1, block_n=2, block_k=_block_k(k, blocksize, 2048),
+                  num_warps=4, num_stages=1, pairs=True, prefetch=True)
   if m > 256:
     return Config("dq_dot", block_n=32, block_k=_block_k(k, blocksize, 512), num_warps=4,
                   num_stages=1)
@@ -122,8 +122,8 @@ def _heuristic_forward(m: int, n: int, k: int, blocksize: int) -> Config:
   programs = -(-m // bm) * -(-n // bn)
   pairs = m <= 16  # even/odd decode, decoded tile as the left operand: faster at M = 16 only
   return Config("gemm", block_m=bm, block_n=bn, block_k=bk, split_k=_split(programs, k // bk),
-                num_warps=4 if small else 8, num_stages=4 if small and not pairs else 3,
-                w_lhs=pairs, pairs=pairs)
+                num_warps=4 if small else 8, num_stages=1 if pairs else 4 if small else 3,
+                w_lhs=pairs, pairs=pairs, prefetch=pairs)
 
 
 def _heuristic_grad(m: int, n: int, k: int, blocksize: int) -> Config:
