@@ -13,6 +13,15 @@ written to ``<out>/tuned.json`` (copy it to ``pallas_kernels/fourbit_matmul/tune
 Usage (on the GPU)::
 
   PYTHONPATH=$PWD python3 benchmarks/fourbit_matmul.py --tune --out /tmp/out
+
+``--ms 1,16`` and ``--skip-w2`` restrict the run (quick experiments), ``--tune-ms`` re-tunes
+only some shapes and keeps the shipped table's other entries, ``--max-candidates N`` tries
+only the first N candidates of each shape. The committed results came from, on one H100
+(2026-11-23): ``results/fourbit_matmul_sweep1.json`` (first sweep, ``--tune --ms
+1,16,128,512 --skip-w2``, a longer candidate list), ``results/fourbit_matmul.json`` and the
+W1 plot (``--tune``, all shapes and W2; its M = 1 row used the superseded grouped GEMV
+step) and ``results/fourbit_matmul_m1.json`` (``--tune --ms 1 --skip-w2 --max-candidates 2``,
+the shipped GEMV step).
 """
 
 from __future__ import annotations
@@ -56,8 +65,8 @@ def candidates(m: int) -> list[Config]:
   def v(bn, bk, st=1, pf=False):
     return Config("gemv", block_n=bn, block_k=bk, num_stages=st, pairs=True, prefetch=pf)
 
-  def dq(bn, bk, p):
-    return Config("dq_dot", block_n=bn, block_k=bk, num_stages=1, pairs=p)
+  def dq(bn, bk):
+    return Config("dq_dot", block_n=bn, block_k=bk, num_stages=1)
 
   if m <= 8:
     return [v(4, 1024, pf=True), v(2, 2048, pf=True), v(4, 2048, st=2), v(8, 1024, pf=True),
@@ -68,12 +77,14 @@ def candidates(m: int) -> list[Config]:
             g(16, 64, 128, True, s=8)]
   if m <= 128:
     return [g(128, 128, 64, s=4, w=8, p=False), g(128, 128, 64, s=4, w=8, st=1, pf=True)]
-  return [dq(32, 512, False), dq(32, 512, True)]
+  return [dq(32, 512), dq(64, 128)]
 
 
 def grad_candidates(m: int) -> list[Config]:
+  """Backward kernels tried at M = 4096: decode-then-dot, and the in-place tile kernel."""
   del m
-  return [Config("dq_dot", block_n=64, block_k=128, num_stages=1, pairs=p) for p in (False, True)]
+  return [Config("dq_dot", block_n=64, block_k=128, num_stages=1),
+          Config("gemm", block_m=128, block_n=64, block_k=128, num_warps=8, num_stages=3)]
 
 
 def time_layers(fn, *args, reps: int = 15, min_rep_s: float = 0.004) -> float:
