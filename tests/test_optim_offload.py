@@ -60,6 +60,23 @@ def test_offloaded_state_matches_device_state(chunk):
     assert _host_kinds(s2) == {"pinned_host"}
 
 
+def test_leaf_stream_orders_copies():
+  """Offloaded leaves come in one by one: the copy of leaf j waits (an optimization barrier)
+  for the update of leaf j - 2, and each leaf's state is fetched once, on the device."""
+  params = {f"w{i}": 0.05 * jax.random.normal(jax.random.key(i), (16, 256)) for i in range(5)}
+  tx = jo.adamw8bit(1e-3, min_8bit_size=0, offload=True)
+  state = tx.init(params)
+  grads = _grads(params, 0)
+  text = jax.jit(lambda g, s, p: jo.update_and_apply(tx, g, s, p)).lower(
+      grads, state, params).as_text()
+  assert text.count("optimization_barrier") == 5 - 2
+  stream = _offload.LeafStream([jnp.full(3, i, jnp.float32) for i in range(4)], prefetch=1)
+  for i in range(4):
+    leaf = stream.get(i)
+    np.testing.assert_array_equal(np.asarray(leaf), np.full(3, i))
+    stream.done(i, leaf * 2)
+
+
 def test_offload_state_wrapper():
   params = _params()
   g = _grads(params, 0)

@@ -89,7 +89,8 @@ class Options:
     offload: keep the state in host memory (``pinned_host``) and stream it through the device
       leaf by leaf inside the update.
     offload_chunk: with ``offload``, ``None`` (default) moves each leaf's state to the device
-      and back whole and leaves the schedule to XLA; an integer streams each leaf's state in
+      and back whole, the next leaf's copy overlapping the current update (``_offload``'s
+      ``LeafStream``); an integer streams each leaf's state in
       chunks of that many elements through a pipelined ``lax.scan`` (see ``_offload``; on an
       H100 with jax 0.11.2 this measured slower).
     kernel_config: launch parameters for the fused kernel (``None``: defaults), for tuning.
