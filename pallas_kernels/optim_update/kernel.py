@@ -2,15 +2,20 @@
 
 Arrays come in the blocked layout ``(n_blocks, 256)``. A program handles ``tiles_per_program``
 tiles of ``rows`` blocks (2-D tiles: a row is a block, so block reductions need no reshape),
-issuing the next tile's loads before it processes the current one. Per tile it loads the gradient, the parameter (when needed), each state's codes and absmax,
-decodes the states (a gather from the 256-entry map, exact), runs the family's math
-(``families.py``, the same code as the reference), writes the update or the new parameter, takes
-each new state's block absmax (NaN-propagating) and its correctly rounded reciprocal, and writes
-the codes of the scaled state from ``exact.encode``: byte for byte bitsandbytes' binary search,
-computed with four small-table lookups and a fused multiply-add. Each byte of gradient,
-parameter and state is read once and each output byte written once: for AdamW with
+issuing the next tile's loads before it processes the current one. Per tile it loads the
+gradient, the parameter (when needed), each state's codes and absmax, decodes the states (a
+gather from the 256-entry map, exact), runs the family's math (``families.py``, the same code as
+the reference), writes the update or the new parameter, takes each new state's block absmax
+(NaN-propagating) and its correctly rounded reciprocal, and writes the codes of the scaled
+state from ``exact.encode``: byte for byte bitsandbytes' binary search, from four small-table
+lookups and a multiply-add (plus a masked read of the map near midpoints). Each byte of
+gradient, parameter and state is read once and each output byte written once: for AdamW with
 ``write="param"`` that is 4 + 4 + 2 bytes read and 4 + 2 written per parameter, plus 16 bytes of
 absmax per block.
+
+On an H100 the kernel is bound by instruction issue, not memory: 0.506 ms per 8192^2 AdamW leaf
+against 0.399 ms for a kernel with the same loads and stores and no arithmetic
+(``benchmarks/optim_step.py``); the exact encoder is most of the difference.
 """
 
 from __future__ import annotations
