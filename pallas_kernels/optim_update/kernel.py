@@ -15,7 +15,7 @@ absmax per block.
 
 On an H100 the kernel is bound by instruction issue, not memory: 0.506 ms per 8192^2 AdamW leaf
 against 0.399 ms for a kernel with the same loads and stores and no arithmetic
-(``benchmarks/optim_step.py``); the exact encoder is most of the difference.
+(``benchmarks/optim_step.py``): the difference is the decode, update and encode arithmetic.
 """
 
 from __future__ import annotations
