@@ -5,21 +5,22 @@ reference and of a bf16 copy of the weight measured in the same run, next to the
 (bytes moved / 3.0 TB/s) and the target. Beside them, the same bytes in and out moved by a
 memory-only Pallas kernel and by an XLA elementwise op (what a kernel of this shape can stream
 on this machine), quantize without the returned code table (the copy of that constant is a
-launch of its own), a sweep of launch configurations and code paths (``--sweep``), the time of
-double quantization's 8-bit pass over the absmax, the 8-bit blockwise kernels (``--no-8bit``
-skips them) and the relative Frobenius error on N(0, 0.02^2) weights.
+launch of its own), a sweep of kernel configurations and code paths (``--sweep``; ``--tune``
+makes the fastest of each op the default of the run and records it), the 8-bit blockwise
+kernels (``--no-8bit`` skips them) and the relative Frobenius error on N(0, 0.02^2) weights.
 
 Run on the GPU from the repository root (the committed JSON)::
 
-  PYTHONPATH=$PWD python3 benchmarks/blockwise_quant.py --sweep short --no-8bit \
+  PYTHONPATH=$PWD python3 benchmarks/blockwise_quant.py --sweep short --tune --no-8bit \\
       --out benchmarks/results/blockwise_quant.json
 
-``--sweep full`` wrote ``benchmarks/results/blockwise_quant_sweep.json``.
+``benchmarks/results/blockwise_quant_sweep.json`` is an earlier exploration (flat tiles only).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -42,24 +43,34 @@ SIZE = 8192  # W3: one 8192 x 8192 weight
 BLOCKSIZE = 64
 HBM_BYTES_PER_S = 3.0e12  # TARGETS.md ceiling (bytes read + written)
 TARGET_US = {"quantize": 80.0, "dequantize": 70.0}
-# Launch configurations timed against each other (--sweep): (elements per tile, warps,
-# tiles per program, eviction policy of the streamed input).
-GEOMETRIES = [(1024, 2, 1, None), (1024, 4, 1, None), (2048, 4, 1, None), (2048, 8, 1, None),
-              (4096, 4, 1, None), (4096, 8, 1, None), (8192, 4, 1, None), (8192, 8, 1, None),
-              (16384, 8, 1, None), (2048, 4, 4, None), (2048, 4, 1, "evict_first"),
-              (8192, 4, 1, "evict_first")]
-# quantize: (geometry index, encoder, pairs); dequantize: (geometry index, pairs).
-QUANTIZE_SWEEP = ([(g, enc, "split") for g in range(6) for enc in ("clamp", "poly", "table")]
-                  + [(2, "clamp", "reduce"), (2, "table", "reduce"), (2, "compare", "split"),
-                     (9, "clamp", "split"), (10, "clamp", "split")])
-DEQUANTIZE_SWEEP = ([(g, pairs) for g in (2, 4, 6, 7, 8) for pairs in ("split", "reduce")]
-                    + [(11, "split")])
-# --sweep short: the defaults and their nearest alternatives.
-QUANTIZE_SWEEP_SHORT = [(2, "clamp", "split"), (2, "poly", "split"), (2, "table", "split"),
-                        (2, "table", "reduce"), (4, "clamp", "split"), (10, "clamp", "split")]
-DEQUANTIZE_SWEEP_SHORT = [(6, "reduce"), (6, "split"), (4, "reduce"), (11, "reduce")]
-# Double quantization's second pass: the 8-bit kernel over the 8192 * 8192 / 64 absmax values.
-NESTED_8BIT_SWEEP = [(4096, 4), (1024, 4), (512, 4), (256, 2)]
+
+
+def _q(elems, warps, encoder="clamp", pairs="split", layout="rows", **kw) -> dict:
+  return dict(elems_per_program=elems, num_warps=warps, encoder=encoder, pairs=pairs,
+              layout=layout, **kw)
+
+
+def _dq(elems, warps, pairs="reduce", layout="rows", **kw) -> dict:
+  return dict(elems_per_program=elems, num_warps=warps, pairs=pairs, layout=layout, **kw)
+
+
+# Kernel configurations timed against each other (--sweep short|full); with --tune the
+# fastest of each op becomes the default for the rest of the run.
+QUANTIZE_SWEEP_SHORT = [
+    _q(1024, 4), _q(2048, 4), _q(2048, 8), _q(4096, 4), _q(4096, 8),
+    _q(2048, 4, "clamp_select"), _q(2048, 4, pairs="reduce"), _q(2048, 4, layout="flat"),
+    _q(2048, 4, "clamp_select", layout="flat"), _q(2048, 4, "table", "reduce", "flat")]
+DEQUANTIZE_SWEEP_SHORT = [
+    _dq(2048, 4), _dq(4096, 4), _dq(8192, 4), _dq(8192, 8), _dq(16384, 8),
+    _dq(2048, 4, "split"), _dq(8192, 8, "split"), _dq(8192, 4, layout="flat"),
+    _dq(8192, 4, "split", "flat")]
+QUANTIZE_SWEEP = QUANTIZE_SWEEP_SHORT + [
+    _q(1024, 2), _q(8192, 8), _q(2048, 4, tiles_per_program=4),
+    _q(2048, 4, eviction_policy="evict_first"), _q(2048, 4, "poly"), _q(2048, 4, "table"),
+    _q(2048, 4, "compare")]
+DEQUANTIZE_SWEEP = DEQUANTIZE_SWEEP_SHORT + [
+    _dq(1024, 4), _dq(16384, 16), _dq(8192, 8, eviction_policy="evict_first"),
+    _dq(2048, 4, tiles_per_program=4), _dq(2048, 4, layout="flat")]
 
 def _stream_kernel(x_ref, o_ref, *, shrink: bool):
   x = x_ref[...]
@@ -100,13 +111,6 @@ def _data_absmax(state):
   return state.data, state.absmax
 
 
-def _config(geometry: int, **kw) -> tuple[KernelConfig, dict]:
-  elems, warps, tiles, evict = GEOMETRIES[geometry]
-  base = dict(elems_per_program=elems, num_warps=warps, tiles_per_program=tiles,
-              eviction_policy=evict)
-  return KernelConfig(**base, **kw), {**base, **kw}
-
-
 def _quantize_with(cfg: KernelConfig, interpret: bool):
   return jax.jit(functools.partial(_quantize_4bit_kernel.quantize_4bit, blocksize=BLOCKSIZE,
                                    quant_type="nf4", config=cfg, interpret=interpret))
@@ -122,22 +126,35 @@ def _dequantize_with(cfg: KernelConfig, n: int, interpret: bool):
 
 
 def sweep(flat, dq_states, dq_nested, n: int, *, reps: int, interpret: bool,
-          quantize_cases=QUANTIZE_SWEEP, dequantize_cases=DEQUANTIZE_SWEEP) -> list[dict]:
-  """Kernel launch configurations and code paths, all timed in alternation."""
+          quantize_cases, dequantize_cases) -> list[dict]:
+  """Kernel configurations and code paths (dicts of :class:`KernelConfig` fields), all timed
+  in alternation; one row per case, the configuration's fields and its median / min."""
   cases, labels = {}, {}
-  for geometry, encoder, pairs in quantize_cases:
-    cfg, label = _config(geometry, encoder=encoder, pairs=pairs)
+  for fields in quantize_cases:
+    cfg = KernelConfig(**fields)
     cases[f"quantize {cfg}"] = (_quantize_with(cfg, interpret), flat)
-    labels[f"quantize {cfg}"] = {"op": "quantize", **label}
-  for geometry, pairs in dequantize_cases:
-    cfg, label = _config(geometry, pairs=pairs)
+    labels[f"quantize {cfg}"] = {"op": "quantize", **fields}
+  for fields in dequantize_cases:
+    cfg = KernelConfig(**fields)
     for nested, sts in (("no", dq_states), ("yes", dq_nested)):
       name = f"dequantize nested={nested} {cfg}"
       cases[name] = (_dequantize_with(cfg, n, interpret), sts)
-      labels[name] = {"op": "dequantize", "nested": nested, **label}
+      labels[name] = {"op": "dequantize", "nested": nested, **fields}
   swept = time_interleaved(cases, reps=reps)
   return [{**labels[k], "median_us": t.median_us, "min_us": t.min_us}
           for k, t in swept.items()]
+
+
+def tune(rows: list[dict]) -> dict[str, dict]:
+  """The fastest configuration of each op in a :func:`sweep` (dequantize: of the plain, not
+  double-quantized, absmax), made the kernels' default for the rest of this process."""
+  best = {}
+  for op, keep in (("quantize", lambda r: True), ("dequantize", lambda r: r["nested"] == "no")):
+    row = min((r for r in rows if r["op"] == op and keep(r)), key=lambda r: r["median_us"])
+    best[op] = {k: v for k, v in row.items() if k in KernelConfig.__dataclass_fields__}
+  _quantize_4bit_kernel.DEFAULT_CONFIG = KernelConfig(**best["quantize"])
+  _dequantize_4bit_kernel.DEFAULT_CONFIG = KernelConfig(**best["dequantize"])
+  return best
 
 
 def _fmt(row):
@@ -150,6 +167,8 @@ def main(argv=None):
   parser.add_argument("--reps", type=int, default=30)
   parser.add_argument("--sweep", choices=("full", "short", "none"), default="full",
                       help="launch configurations to time: all, the defaults' neighbours, none")
+  parser.add_argument("--tune", action="store_true",
+                      help="make the sweep's fastest configurations the defaults of this run")
   parser.add_argument("--no-8bit", action="store_true", help="skip the 8-bit kernels' figures")
   parser.add_argument("--size", type=int, default=SIZE, help="rows = columns (smoke tests)")
   parser.add_argument("--interpret", action="store_true", help="smoke tests on CPU only")
@@ -169,9 +188,29 @@ def main(argv=None):
   q_bytes = n * 2 + n // 2 + (n // BLOCKSIZE) * 4  # read bf16, write nibbles + f32 absmax
   dq_bytes_nested = n // 2 + n // BLOCKSIZE + n * 2
 
+  naive_q = jax.jit(lambda w: jq.quantize_4bit(w, BLOCKSIZE, False, "nf4", backend="xla"))
+  flat = [(w.reshape(-1),) for w in weights]
+  if args.sweep != "none":
+    # First, before any call traces the kernels' default configuration (--tune changes it).
+    naive_q_dq = jax.jit(lambda w: jq.quantize_4bit(w, BLOCKSIZE, True, "nf4", backend="xla"))
+    short = args.sweep == "short"
+    results["sweep"] = sweep(
+        flat, [(naive_q(w),) for w in weights], [(naive_q_dq(w),) for w in weights], n,
+        reps=max(1, reps // 2), interpret=it,
+        quantize_cases=QUANTIZE_SWEEP_SHORT if short else QUANTIZE_SWEEP,
+        dequantize_cases=DEQUANTIZE_SWEEP_SHORT if short else DEQUANTIZE_SWEEP)
+    print("sweep (median us, measured in alternation):")
+    for row in results["sweep"]:
+      print("  ", row)
+    if args.tune:
+      results["tuned_defaults"] = tune(results["sweep"])
+      print("defaults of this run (fastest in the sweep):", results["tuned_defaults"])
+  results["default_configs"] = {
+      "quantize": dataclasses.asdict(_quantize_4bit_kernel.DEFAULT_CONFIG),
+      "dequantize": dataclasses.asdict(_dequantize_4bit_kernel.DEFAULT_CONFIG)}
+
   quantize = jax.jit(lambda w: jq.quantize_4bit(w, BLOCKSIZE, False, "nf4"))
   quantize_dq = jax.jit(lambda w: jq.quantize_4bit(w, BLOCKSIZE, True, "nf4"))
-  naive_q = jax.jit(lambda w: jq.quantize_4bit(w, BLOCKSIZE, False, "nf4", backend="xla"))
   states = [quantize(w) for w in weights]
   states_dq = [quantize_dq(w) for w in weights]
   dequantize = jax.jit(jq.dequantize_4bit)
@@ -210,7 +249,6 @@ def main(argv=None):
 
   direct = jax.jit(lambda v: _quantize_4bit_kernel.quantize_4bit(
       v, blocksize=BLOCKSIZE, quant_type="nf4", interpret=it))
-  flat = [(w.reshape(-1),) for w in weights]
   dq_states = [(s,) for s in states]
   dq_nested = [(s,) for s in states_dq]
   # All figures of one table measured in alternation (see time_interleaved).
@@ -306,27 +344,6 @@ def main(argv=None):
     print("8-bit blockwise (dynamic map, blocksize 256):",
           {k: (round(v["median_us"], 1) if isinstance(v, dict) else v)
            for k, v in results["blockwise8_bs256_us"].items()})
-
-  if args.sweep != "none":
-    short = args.sweep == "short"
-    results["sweep"] = sweep(flat, dq_states, dq_nested, n, reps=max(1, reps // 2),
-                             interpret=it,
-                             quantize_cases=QUANTIZE_SWEEP_SHORT if short else QUANTIZE_SWEEP,
-                             dequantize_cases=DEQUANTIZE_SWEEP_SHORT if short else
-                             DEQUANTIZE_SWEEP)
-    print("sweep (median us, measured in alternation):")
-    for row in results["sweep"]:
-      print("  ", row)
-    absmax = [(s.absmax.reshape(-1) - jnp.mean(s.absmax),) for s in states]
-    code8 = jnp.asarray(codebooks.dynamic_map(True))
-    nested = time_interleaved({
-        f"{elems}/{warps}": (jax.jit(lambda a, cfg=KernelConfig(
-            elems_per_program=elems, num_warps=warps): _blockwise_8bit_kernel.quantize_8bit(
-                a, code8, blocksize=256, config=cfg, interpret=it)), absmax)
-        for elems, warps in NESTED_8BIT_SWEEP}, reps=reps)
-    results["nested_8bit_quantize_us"] = {k: v.median_us for k, v in nested.items()}
-    print("double quant's 8-bit pass over the absmax (elements/warps: median us):",
-          {k: round(v, 1) for k, v in results["nested_8bit_quantize_us"].items()})
 
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 __all__ = ["KernelConfig", "Program", "Tile", "launch", "compiler_params", "reciprocal",
-           "mul_rn", "rounded", "row_absmax", "load_tile", "store_tile",
+           "mul_rn", "clamp_unit", "rounded", "row_absmax", "load_tile", "store_tile",
            "silence_triton_deprecation", "is_power_of_two", "INDEX_LIMIT"]
 
 # Element offsets are int32 inside the kernels.
@@ -45,13 +45,15 @@ class KernelConfig:
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining stages.
     encoder: 4-bit quantize only: ``"clamp"`` (a polynomial of the clamped value picks the
-      code up to one, one threshold lookup decides; any input), ``"poly"`` (the same without
-      the clamp, for programs whose absmax are all normal, else ``"compare"``), ``"table"``
-      (two lookups, same condition) or ``"compare"`` (one comparison per threshold); see
-      ``_encode4.py``.
+      code up to one, one threshold lookup decides; any input; the clamp is two PTX min/max),
+      ``"clamp_select"`` (the same clamp in four compare/selects), ``"poly"`` (no clamp, for
+      programs whose absmax are all normal, else ``"compare"``), ``"table"`` (two lookups,
+      same condition) or ``"compare"`` (one comparison per threshold); see ``_encode4.py``.
     pairs: 4-bit only, how the two nibbles of a byte are split from / joined into the
       element stream: ``"split"`` (Triton's split / join of a trailing axis of two, in
       registers) or ``"reduce"`` (a shifted sum over that axis / a broadcast and shift).
+    layout: 4-bit only: ``"rows"`` (tiles held as 16-byte vector rows, see ``_rows.py``,
+      when the size allows; else flat) or ``"flat"`` (``(blocks, blocksize)`` tiles).
     eviction_policy: cache eviction hint for the streamed input (``None`` or Triton's
       ``"evict_first"`` / ``"evict_last"``).
   """
@@ -61,6 +63,7 @@ class KernelConfig:
   num_stages: int = 1
   encoder: str = "clamp"
   pairs: str = "split"
+  layout: str = "rows"
   eviction_policy: str | None = None
 
 
@@ -187,6 +190,18 @@ def mul_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
   [out] = pltriton.elementwise_inline_asm(
       "mul.rn.f32 $0, $1, $2;", args=[a, b], constraints="=f,f,f", pack=1,
       result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])
+  return out
+
+
+def clamp_unit(x: jax.Array, low: float) -> jax.Array:
+  """float32 ``x`` clamped to ``[low, 1]`` (``low`` is -1 or 0), NaN sent to ``low``: two PTX
+  instructions, ``max.f32`` then ``min.f32``, whose NaN rule (the other operand wins) sends NaN
+  to ``low`` (GPU only; ``_encode4.clamp_select`` is the same function in selects)."""
+  low_bits = {-1.0: "0fBF800000", 0.0: "0f00000000"}[float(low)]
+  [out] = pltriton.elementwise_inline_asm(
+      f"max.f32 $0, $1, {low_bits};\n\tmin.f32 $0, $0, 0f3F800000;", args=[x],
+      constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
   return out
 
 

@@ -6,6 +6,9 @@ the block's float32 absmax and writes ``rows * blocksize`` values of ``dtype``. 
 quantization the absmax entry is a uint8 code: the kernel computes
 ``nested_code[q] * nested_absmax[block // nested_blocksize] + offset`` in float32 (product and
 sum each rounded, as the reference does), so the float32 absmax never goes through memory.
+When ``n`` allows, the tile is held as vector rows of the output (``_rows.py``: each thread
+turns 4 packed bytes into one 16-byte row of 8 values, nothing moves between threads); other
+sizes use a flat ``(rows, blocksize)`` tile.
 """
 
 from __future__ import annotations
@@ -16,16 +19,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.blockwise_quant import _common
+from pallas_kernels.blockwise_quant import _common, _rows
 from pallas_kernels.blockwise_quant._common import KernelConfig, Program
 
 __all__ = ["dequantize_4bit", "supports_dequantize_4bit", "KERNEL_NAME", "DEFAULT_CONFIG"]
 
 KERNEL_NAME = "jaxquant_dequantize_4bit"
-# Measured on an H100 (benchmarks/blockwise_quant.py sweep): larger tiles amortize the
-# per-tile decode of double-quantized absmax; the broadcast-and-shift nibble split (84.6 us)
-# beats Triton's join of the two nibble streams (98.1 us) at this tile size.
-DEFAULT_CONFIG = KernelConfig(elems_per_program=8192, num_warps=4, pairs="reduce")
+# Measured on an H100 (benchmarks/blockwise_quant.py --sweep short --tune).
+DEFAULT_CONFIG = KernelConfig(elems_per_program=8192, num_warps=8, pairs="reduce",
+                              layout="rows")
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
@@ -45,11 +47,26 @@ def supports_dequantize_4bit(packed, absmax, code, nested_absmax=None, nested_co
                               and nested_absmax.size == -(-absmax.size // nested_blocksize))))
 
 
-def unpack_nibbles(packed: jax.Array, rows: int, blocksize: int) -> jax.Array:
-  """int32 bytes ``(rows * bs // 2,)`` → int32 codes ``(rows, bs)``, high nibble first."""
-  pairs = jnp.broadcast_to(packed.reshape(rows, blocksize // 2, 1), (rows, blocksize // 2, 2))
+def unpack_nibbles(packed: jax.Array) -> jax.Array:
+  """int32 bytes ``(a, w)`` → int32 codes ``(a, 2 * w)``, high nibble first."""
+  a, w = packed.shape
+  pairs = jnp.broadcast_to(packed.reshape(a, w, 1), (a, w, 2))
   shift = jnp.where(jax.lax.broadcasted_iota(jnp.int32, pairs.shape, 2) == 0, 4, 0)
-  return ((pairs >> shift) & 15).reshape(rows, blocksize)
+  return ((pairs >> shift) & 15).reshape(a, 2 * w)
+
+
+def _decode_values(packed: jax.Array, absmax: jax.Array, code_ref, dtype, pairs: str
+                   ) -> jax.Array:
+  """Bytes ``(a, w)`` (int32) whose rows have absmax ``absmax (a,)`` → ``(a, 2 * w)`` values
+  ``dtype(code[q] * absmax)``."""
+  a, w = packed.shape
+  scale = absmax[:, None]
+  if pairs == "split":
+    # Both nibbles of a byte decoded side by side, then interleaved in registers.
+    high = (code_ref[packed >> 4] * scale).astype(dtype)
+    low = (code_ref[packed & 15] * scale).astype(dtype)
+    return jax.lax.stack([high, low], axis=2).reshape(a, 2 * w)
+  return (code_ref[unpack_nibbles(packed)] * scale).astype(dtype)
 
 
 def decode_absmax(absmax: jax.Array, prog: Program, t, nested_refs, nested_blocksize: int,
@@ -65,12 +82,20 @@ def decode_absmax(absmax: jax.Array, prog: Program, t, nested_refs, nested_block
   return _common.mul_rn(value, scale, interpret) + offset_ref[...]
 
 
-def _kernel(packed_ref, absmax_ref, code_ref, *rest, prog: Program, dtype, nested: bool,
-            nested_blocksize: int, config: KernelConfig, interpret: bool):
+def _kernel(packed_ref, absmax_ref, code_ref, *rest, prog: Program, vec: int | None, dtype,
+            nested: bool, nested_blocksize: int, config: KernelConfig, interpret: bool):
+  """``vec`` set: tiles as vector rows ``(elems // vec, vec)`` of the output (``_rows.py``);
+  ``None``: flat tiles ``(rows, blocksize)``."""
   *nested_refs, out_ref = rest
+  n_bytes = (prog.n + 1) // 2
+  if vec is not None:
+    rows, group, n_rows = prog.elems // vec, prog.blocksize // vec, prog.n // vec
 
   def load_packed(t):
-    return _common.load_tile(packed_ref, prog, t, prog.elems // 2, (prog.n + 1) // 2,
+    if vec is not None:
+      return _rows.load_rows(packed_ref, prog, t, rows, n_rows,
+                             eviction_policy=config.eviction_policy)
+    return _common.load_tile(packed_ref, prog, t, prog.elems // 2, n_bytes,
                              eviction_policy=config.eviction_policy)
 
   def load_absmax(t):
@@ -80,15 +105,13 @@ def _kernel(packed_ref, absmax_ref, code_ref, *rest, prog: Program, dtype, neste
     absmax = decode_absmax(stored, prog, t, nested_refs if nested else None, nested_blocksize,
                            interpret)
     packed = packed.astype(jnp.int32)
-    if config.pairs == "split":
-      # Both nibbles of a byte decoded side by side, then interleaved in registers.
-      packed = packed.reshape(prog.rows, prog.blocksize // 2)
-      high = (code_ref[packed >> 4] * absmax[:, None]).astype(dtype)
-      low = (code_ref[packed & 15] * absmax[:, None]).astype(dtype)
-      values = jax.lax.stack([high, low], axis=2)
-    else:
-      q = unpack_nibbles(packed, prog.rows, prog.blocksize)
-      values = (code_ref[q] * absmax[:, None]).astype(dtype)
+    if vec is not None:
+      values = _decode_values(packed, _rows.per_row(absmax, group), code_ref, dtype,
+                              config.pairs)
+      _rows.store_rows(out_ref, values, prog, t, n_rows)
+      return
+    values = _decode_values(packed.reshape(prog.rows, prog.blocksize // 2), absmax, code_ref,
+                            dtype, config.pairs)
     _common.store_tile(out_ref, values.reshape(prog.elems), prog, t, prog.n)
 
   prog.for_each_tile([load_packed, load_absmax], process)
@@ -132,9 +155,20 @@ def dequantize_4bit(packed: jax.Array, absmax: jax.Array, code: jax.Array,
   config = config or DEFAULT_CONFIG
   prog = Program.make(n, blocksize, config)
   nested = nested_absmax is not None
-  operands = [packed.reshape(-1), absmax.reshape(-1), code.astype(jnp.float32).reshape(-1)]
-  in_specs = [prog.spec(prog.elems // 2), prog.spec(prog.rows),
-              pl.BlockSpec((16,), lambda i: (0,))]
+  vec = _rows.vector_width(dtype)
+  if config.layout != "rows" or not _rows.supported(n, blocksize, vec):
+    vec = None
+  if vec is None:
+    data, data_spec, out_spec = packed.reshape(-1), prog.spec(prog.elems // 2), \
+        prog.spec(prog.elems)
+    out_shape = jax.ShapeDtypeStruct((n,), dtype)
+  else:
+    data = packed.reshape(n // vec, vec // 2)
+    data_spec = _rows.spec(prog, prog.elems // vec, vec // 2)
+    out_spec = _rows.spec(prog, prog.elems // vec, vec)
+    out_shape = jax.ShapeDtypeStruct((n // vec, vec), dtype)
+  operands = [data, absmax.reshape(-1), code.astype(jnp.float32).reshape(-1)]
+  in_specs = [data_spec, prog.spec(prog.rows), pl.BlockSpec((16,), lambda i: (0,))]
   if nested:
     operands += [nested_absmax.astype(jnp.float32).reshape(-1),
                  nested_code.astype(jnp.float32).reshape(-1),
@@ -143,11 +177,11 @@ def dequantize_4bit(packed: jax.Array, absmax: jax.Array, code: jax.Array,
                  pl.BlockSpec((256,), lambda i: (0,)),
                  pl.BlockSpec((1,), lambda i: (0,))]
   [out] = _common.launch(
-      functools.partial(_kernel, prog=prog, dtype=dtype, nested=nested,
+      functools.partial(_kernel, prog=prog, vec=vec, dtype=dtype, nested=nested,
                         nested_blocksize=nested_blocksize, config=config, interpret=interpret),
-      prog=prog, operands=operands, in_specs=in_specs,
-      out_specs=[prog.spec(prog.elems)],
-      out_shape=[jax.ShapeDtypeStruct((n,), dtype)],
-      config=config, interpret=interpret, name=KERNEL_NAME,
-      initial_outputs=None if initial_output is None else [initial_output])
+      prog=prog, operands=operands, in_specs=in_specs, out_specs=[out_spec],
+      out_shape=[out_shape], config=config, interpret=interpret, name=KERNEL_NAME,
+      initial_outputs=None if initial_output is None else
+      [initial_output.reshape(out_shape.shape)])
+  out = out.reshape(n)
   return out

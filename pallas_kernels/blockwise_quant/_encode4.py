@@ -29,6 +29,7 @@ Two encoders give the same bytes:
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -135,25 +136,28 @@ def poly_bin(key, quant_type: str, xp=jnp):
   return bits & (POLY_TABLE_SIZE - 1 if quant_type == "nf4" else 7)
 
 
-def encode_poly(s: jax.Array, thr_ref, quant_type: str, clamp: bool = False) -> jax.Array:
+def encode_poly(s: jax.Array, thr_ref, quant_type: str, clamp: Callable | None = None
+                ) -> jax.Array:
   """int32 codes of float32 ``s`` by the ``poly`` encoder (``thr_ref``: :func:`poly_table`).
 
   Without ``clamp`` only for ``|s| <= 1.0001`` and no NaN (see the module docstring). With
-  ``clamp`` valid for every float32: the polynomial reads ``s`` clamped to [-1, 1] (``|s|`` to
-  [0, 1]) with NaN sent to the low end, and the comparison reads ``s`` itself; past ±1 the code
-  is the extreme one, which the bin of ±1 gives, and a NaN compares false with the low bin's
-  threshold, so it gets the code of "no threshold below", as the reference's count."""
+  ``clamp(key, low)`` (``_common.clamp_unit`` or :func:`clamp_select`: ``key`` clamped to
+  [``low``, 1], NaN sent to ``low``) valid for every float32: the polynomial reads the clamped
+  value, the comparison ``s`` itself; past ±1 the code is the extreme one, which the bin of ±1
+  gives, and a NaN compares false with the low bin's threshold, so it gets the code of "no
+  threshold below", as the reference's count does."""
   key = s if quant_type == "nf4" else jnp.abs(s)
-  if clamp:
-    low = -1.0 if quant_type == "nf4" else 0.0
-    bin_key = jnp.where(key > low, jnp.where(key < 1.0, key, 1.0), low)
-  else:
-    bin_key = key
-  b = poly_bin(bin_key, quant_type)
+  low = -1.0 if quant_type == "nf4" else 0.0
+  b = poly_bin(key if clamp is None else clamp(key, low), quant_type)
   rank = b + (key > thr_ref[b]).astype(jnp.int32)
   if quant_type == "nf4":
     return rank
   return _fp4_code_of_rank(rank) | jnp.where(s < 0, 8, 0)
+
+
+def clamp_select(key: jax.Array, low: float) -> jax.Array:
+  """``key`` clamped to [``low``, 1] by two selects, NaN → ``low`` (any backend)."""
+  return jnp.where(key > low, jnp.where(key < 1.0, key, 1.0), jnp.float32(low))
 
 
 def encode_compare(s: jax.Array, quant_type: str) -> jax.Array:

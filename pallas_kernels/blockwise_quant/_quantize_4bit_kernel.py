@@ -4,7 +4,8 @@ One program reads ``rows`` blocks (``rows * blocksize`` elements of the flat inp
 each block's absmax (float32, NaN-propagating), scales by the correctly rounded reciprocal,
 encodes (``_encode4.py``), packs two codes per byte (first element in the high nibble) and
 writes ``rows * blocksize / 2`` bytes and ``rows`` absmax values. Everything is read and written
-once: the kernel is bound by memory bandwidth on an H100.
+once. The tile is held as vector rows (``_rows.py``) when ``n`` allows, so no data moves
+between threads but the absmax; other sizes use a flat ``(rows, blocksize)`` tile.
 """
 
 from __future__ import annotations
@@ -15,19 +16,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.blockwise_quant import _common, _encode4
+from pallas_kernels.blockwise_quant import _common, _encode4, _rows
 from pallas_kernels.blockwise_quant._common import KernelConfig, Program
 
 __all__ = ["quantize_4bit", "supports_quantize_4bit", "KERNEL_NAME", "DEFAULT_CONFIG"]
 
 KERNEL_NAME = "jaxquant_quantize_4bit"
-# Measured on an H100 (benchmarks/blockwise_quant.py sweep, median us over the W3 weight):
-# the clamped polynomial encoder with one threshold lookup (95.0) beats the same guarded by a
-# per-program absmax check (102.4), two lookups (table: 105.7) and fifteen comparisons (136.9);
-# Triton's split of the code pairs beats a shifted sum (101.2); 2048-element tiles with 4 warps
-# beat 1024 (99.4) and 4096 (96.4).
+# Measured on an H100 (benchmarks/blockwise_quant.py --sweep short --tune).
 DEFAULT_CONFIG = KernelConfig(elems_per_program=2048, num_warps=4, encoder="clamp",
-                              pairs="split")
+                              pairs="split", layout="rows")
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 # Absmax bit patterns for which the table encoder is valid: finite normal floats whose
 # reciprocal is normal too (2**-126 <= absmax <= 2**125).
@@ -44,25 +41,27 @@ def supports_quantize_4bit(x, *, blocksize: int, quant_type: str, **_) -> bool:
 
 
 def _pack_pairs(codes: jax.Array, pairs: str) -> jax.Array:
-  """int32 codes ``(rows, bs)`` → bytes ``(rows * bs // 2,)`` as int32, element 2i high."""
-  rows, bs = codes.shape
-  split = codes.reshape(rows, bs // 2, 2)
+  """int32 codes ``(a, w)`` → bytes ``(a, w // 2)`` as int32, element 2i in the high nibble."""
+  a, w = codes.shape
+  split = codes.reshape(a, w // 2, 2)
   if pairs == "split":
     high, low = jax.lax.unstack(split, axis=2)
-    return ((high << 4) | low).reshape(rows * bs // 2)
+    return (high << 4) | low
   shift = jnp.where(jax.lax.broadcasted_iota(jnp.int32, split.shape, 2) == 0, 4, 0)
-  return jnp.sum(split << shift, axis=2).reshape(rows * bs // 2)
+  return jnp.sum(split << shift, axis=2)
 
 
-def _encode_tile(x: jax.Array, tables, *, quant_type: str, encoder: str,
-                 interpret: bool) -> tuple[jax.Array, jax.Array]:
-  """float32 ``(rows, bs)`` → (int32 codes ``(rows, bs)``, float32 absmax ``(rows,)``)."""
-  absmax = _common.row_absmax(x)
-  s = x * _common.reciprocal(absmax, interpret)[:, None]
+def _encode(s: jax.Array, absmax: jax.Array, tables, *, quant_type: str, encoder: str,
+            interpret: bool) -> jax.Array:
+  """int32 codes of the scaled values ``s`` (float32, any 2-D shape) of blocks whose absmax
+  are ``absmax`` (the guarded encoders check them)."""
   if encoder == "compare":
-    return _encode4.encode_compare(s, quant_type), absmax
+    return _encode4.encode_compare(s, quant_type)
   if encoder == "clamp":
-    return _encode4.encode_poly(s, *tables, quant_type, clamp=True), absmax
+    clamp = _encode4.clamp_select if interpret else _common.clamp_unit
+    return _encode4.encode_poly(s, *tables, quant_type, clamp=clamp)
+  if encoder == "clamp_select":
+    return _encode4.encode_poly(s, *tables, quant_type, clamp=_encode4.clamp_select)
   bits = jax.lax.bitcast_convert_type(absmax, jnp.int32)
   normal = (bits >= _NORMAL_MIN_BITS) & (bits <= _NORMAL_MAX_BITS)
   all_normal = jnp.min(normal.astype(jnp.int32)) == 1
@@ -70,23 +69,24 @@ def _encode_tile(x: jax.Array, tables, *, quant_type: str, encoder: str,
     fast = lambda v: _encode4.encode_poly(v, *tables, quant_type)
   else:
     fast = lambda v: _encode4.encode_table(v, *tables, quant_type)
-  codes = jax.lax.cond(all_normal, fast, lambda v: _encode4.encode_compare(v, quant_type), s)
-  return codes, absmax
+  return jax.lax.cond(all_normal, fast, lambda v: _encode4.encode_compare(v, quant_type), s)
 
 
 def _tables(quant_type: str, encoder: str) -> list[jax.Array]:
   """Lookup tables the encoder reads (kernel operands)."""
-  if encoder in ("poly", "clamp"):
+  if encoder in ("poly", "clamp", "clamp_select"):
     return [jnp.asarray(_encode4.poly_table(quant_type))]
   if encoder == "table":
     return [jnp.asarray(t) for t in _encode4.encoder_tables(quant_type)]
   if encoder == "compare":
     return []
-  raise ValueError(f"encoder must be 'clamp', 'poly', 'table' or 'compare', got {encoder!r}")
+  raise ValueError("encoder must be 'clamp', 'clamp_select', 'poly', 'table' or 'compare', "
+                   f"got {encoder!r}")
 
 
-def _kernel(x_ref, *rest, prog: Program, quant_type: str, config: KernelConfig,
-            interpret: bool):
+def _kernel_flat(x_ref, *rest, prog: Program, quant_type: str, config: KernelConfig,
+                 interpret: bool):
+  """Tiles as ``(rows, blocksize)``; any ``n`` (an odd one ends in the code of 0.0)."""
   *tables, q_ref, absmax_ref = rest
 
   def load(t):
@@ -95,13 +95,37 @@ def _kernel(x_ref, *rest, prog: Program, quant_type: str, config: KernelConfig,
 
   def process(t, x):
     x = x.astype(jnp.float32).reshape(prog.rows, prog.blocksize)
-    codes, absmax = _encode_tile(x, tables, quant_type=quant_type, encoder=config.encoder,
-                                 interpret=interpret)
+    absmax = _common.row_absmax(x)
+    s = x * _common.reciprocal(absmax, interpret)[:, None]
+    codes = _encode(s, absmax, tables, quant_type=quant_type, encoder=config.encoder,
+                    interpret=interpret)
     if prog.n % 2:
       # The odd tail's last nibble holds the code of 0.0, whatever the block's absmax.
       codes = jnp.where(prog.element_index(t) < prog.n, codes, _encode4.pad_code(quant_type))
-    packed = _pack_pairs(codes, config.pairs).astype(jnp.uint8)
+    packed = _pack_pairs(codes, config.pairs).reshape(prog.elems // 2).astype(jnp.uint8)
     _common.store_tile(q_ref, packed, prog, t, (prog.n + 1) // 2)
+    _common.store_tile(absmax_ref, absmax, prog, t, prog.n_blocks)
+
+  prog.for_each_tile([load], process)
+
+
+def _kernel_rows(x_ref, *rest, prog: Program, vec: int, quant_type: str,
+                 config: KernelConfig, interpret: bool):
+  """Tiles as vector rows ``(elems // vec, vec)`` (see ``_rows.py``); ``n % vec == 0``."""
+  *tables, q_ref, absmax_ref = rest
+  rows, group, n_rows = prog.elems // vec, prog.blocksize // vec, prog.n // vec
+
+  def load(t):
+    return _rows.load_rows(x_ref, prog, t, rows, n_rows, eviction_policy=config.eviction_policy)
+
+  def process(t, x):
+    x = x.astype(jnp.float32)
+    absmax = _rows.block_absmax(x, group)
+    s = x * _rows.per_row(_common.reciprocal(absmax, interpret), group)[:, None]
+    codes = _encode(s, absmax, tables, quant_type=quant_type, encoder=config.encoder,
+                    interpret=interpret)
+    _rows.store_rows(q_ref, _pack_pairs(codes, config.pairs).astype(jnp.uint8), prog, t,
+                     n_rows)
     _common.store_tile(absmax_ref, absmax, prog, t, prog.n_blocks)
 
   prog.for_each_tile([load], process)
@@ -132,14 +156,27 @@ def quantize_4bit(x: jax.Array, *, blocksize: int, quant_type: str, interpret: b
   config = config or DEFAULT_CONFIG
   prog = Program.make(x.size, blocksize, config)
   tables = _tables(quant_type, config.encoder)
+  n = prog.n
+  vec = _rows.vector_width(x.dtype)
+  table_specs = [pl.BlockSpec(t.shape, lambda i: (0,)) for t in tables]
+  absmax_out = jax.ShapeDtypeStruct((prog.n_blocks,), jnp.float32)
+  kw = dict(prog=prog, quant_type=quant_type, config=config, interpret=interpret)
+  if config.layout == "rows" and _rows.supported(n, blocksize, vec):
+    kernel = functools.partial(_kernel_rows, vec=vec, **kw)
+    operands = [x.reshape(n // vec, vec)]
+    in_specs = [_rows.spec(prog, prog.elems // vec, vec)]
+    out_specs = [_rows.spec(prog, prog.elems // vec, vec // 2)]
+    packed_out = jax.ShapeDtypeStruct((n // vec, vec // 2), jnp.uint8)
+  else:
+    kernel = functools.partial(_kernel_flat, **kw)
+    operands, in_specs = [x.reshape(-1)], [prog.spec(prog.elems)]
+    out_specs = [prog.spec(prog.elems // 2)]
+    packed_out = jax.ShapeDtypeStruct(((n + 1) // 2,), jnp.uint8)
+  if initial_outputs is not None:
+    initial_outputs = [initial_outputs[0].reshape(packed_out.shape), initial_outputs[1]]
   packed, absmax = _common.launch(
-      functools.partial(_kernel, prog=prog, quant_type=quant_type, config=config,
-                        interpret=interpret),
-      prog=prog,
-      operands=[x.reshape(-1), *tables],
-      in_specs=[prog.spec(prog.elems)] + [pl.BlockSpec(t.shape, lambda i: (0,)) for t in tables],
-      out_specs=[prog.spec(prog.elems // 2), prog.spec(prog.rows)],
-      out_shape=[jax.ShapeDtypeStruct(((prog.n + 1) // 2,), jnp.uint8),
-                 jax.ShapeDtypeStruct((prog.n_blocks,), jnp.float32)],
+      kernel, prog=prog, operands=operands + tables, in_specs=in_specs + table_specs,
+      out_specs=out_specs + [prog.spec(prog.rows)], out_shape=[packed_out, absmax_out],
       config=config, interpret=interpret, name=KERNEL_NAME, initial_outputs=initial_outputs)
+  packed = packed.reshape((n + 1) // 2)
   return packed, absmax
