@@ -59,17 +59,18 @@ def _dq(elems, warps, pairs="reduce", layout="rows", **kw) -> dict:
 QUANTIZE_SWEEP_SHORT = [
     _q(1024, 4), _q(2048, 4), _q(2048, 8), _q(4096, 4), _q(4096, 8),
     _q(2048, 4, "clamp_select"), _q(2048, 4, pairs="reduce"), _q(2048, 4, layout="flat"),
-    _q(2048, 4, "clamp_select", layout="flat"), _q(2048, 4, "table", "reduce", "flat")]
+    _q(2048, 4, "clamp_select", layout="flat"), _q(2048, 4, "table", "reduce", "flat"),
+    _q(2048, 4, eviction_policy="evict_first")]
 DEQUANTIZE_SWEEP_SHORT = [
     _dq(2048, 4), _dq(4096, 4), _dq(8192, 4), _dq(8192, 8), _dq(16384, 8),
     _dq(2048, 4, "split"), _dq(8192, 8, "split"), _dq(8192, 4, layout="flat"),
-    _dq(8192, 4, "split", "flat")]
+    _dq(8192, 4, "split", "flat"), _dq(4096, 8), _dq(8192, 8, eviction_policy="evict_first")]
 QUANTIZE_SWEEP = QUANTIZE_SWEEP_SHORT + [
-    _q(1024, 2), _q(8192, 8), _q(2048, 4, tiles_per_program=4),
-    _q(2048, 4, eviction_policy="evict_first"), _q(2048, 4, "poly"), _q(2048, 4, "table"),
+    _q(1024, 2), _q(8192, 8), _q(2048, 4, tiles_per_program=4), _q(2048, 4, "poly"),
+    _q(2048, 4, "table"),
     _q(2048, 4, "compare")]
 DEQUANTIZE_SWEEP = DEQUANTIZE_SWEEP_SHORT + [
-    _dq(1024, 4), _dq(16384, 16), _dq(8192, 8, eviction_policy="evict_first"),
+    _dq(1024, 4), _dq(16384, 16),
     _dq(2048, 4, tiles_per_program=4), _dq(2048, 4, layout="flat")]
 
 def _stream_kernel(x_ref, o_ref, *, shrink: bool):
