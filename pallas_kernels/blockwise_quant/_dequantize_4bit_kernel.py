@@ -25,8 +25,9 @@ from pallas_kernels.blockwise_quant._common import KernelConfig, Program
 __all__ = ["dequantize_4bit", "supports_dequantize_4bit", "KERNEL_NAME", "DEFAULT_CONFIG"]
 
 KERNEL_NAME = "jaxquant_dequantize_4bit"
-# Measured on an H100 (benchmarks/blockwise_quant.py --sweep short --tune).
-DEFAULT_CONFIG = KernelConfig(elems_per_program=8192, num_warps=8, pairs="reduce",
+# The fastest of the sweep in benchmarks/results/blockwise_quant.json (H100, 8192 x 8192 bf16,
+# median us): vector rows 79.5 (8192 elements, 8 warps, broadcast split: 79.6; flat tiles 83.4).
+DEFAULT_CONFIG = KernelConfig(elems_per_program=2048, num_warps=4, pairs="split",
                               layout="rows")
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 

@@ -22,8 +22,10 @@ from pallas_kernels.blockwise_quant._common import KernelConfig, Program
 __all__ = ["quantize_4bit", "supports_quantize_4bit", "KERNEL_NAME", "DEFAULT_CONFIG"]
 
 KERNEL_NAME = "jaxquant_quantize_4bit"
-# Measured on an H100 (benchmarks/blockwise_quant.py --sweep short --tune).
-DEFAULT_CONFIG = KernelConfig(elems_per_program=2048, num_warps=4, encoder="clamp",
+# The fastest of the sweep in benchmarks/results/blockwise_quant.json (H100, 8192 x 8192 bf16,
+# median us): vector rows 84.9 (4 warps: 85.9; flat tiles 91.7; the earlier table encoder on
+# flat tiles 108.8).
+DEFAULT_CONFIG = KernelConfig(elems_per_program=2048, num_warps=8, encoder="clamp",
                               pairs="split", layout="rows")
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 # Absmax bit patterns for which the table encoder is valid: finite normal floats whose
