@@ -56,21 +56,24 @@ def candidates(m: int) -> list[Config]:
   A first H100 sweep (``results/fourbit_matmul_sweep1.json``: gemv ``block_n`` 4-32,
   ``block_k`` 256-1024, 1-3 stages, 2-8 warps; gemm split-K 2-8, either operand order;
   decode-then-dot tiles) left these: its winners, their prefetching variants, and the best
-  tiling of the generic decode for comparison.
+  tiling of the generic decode for comparison. The one-row ``x_reuse`` gemv tilings were
+  added after the last H100 run, from their SASS (no shared-memory layout conversion).
   """
   def g(bm, bn, bk, lhs=False, s=1, w=4, st=3, p=True, pf=False):
     return Config("gemm", block_m=bm, block_n=bn, block_k=bk, w_lhs=lhs, split_k=s,
                   num_warps=w, num_stages=st, pairs=p, prefetch=pf)
 
-  def v(bn, bk, st=1, pf=False):
-    return Config("gemv", block_n=bn, block_k=bk, num_stages=st, pairs=True, prefetch=pf)
+  def v(bn, bk, st=1, pf=False, xr=False):
+    return Config("gemv", block_n=bn, block_k=bk, num_stages=st, pairs=True, prefetch=pf,
+                  x_reuse=xr)
 
   def dq(bn, bk):
     return Config("dq_dot", block_n=bn, block_k=bk, num_stages=1)
 
   if m <= 8:
     return [v(4, 1024, pf=True), v(2, 2048, pf=True), v(4, 2048, st=2), v(8, 1024, pf=True),
-            v(4, 1024), v(4, 2048, pf=True)]
+            v(4, 1024), v(4, 2048, pf=True), v(1, 4096, xr=True), v(1, 8192, xr=True),
+            v(1, 4096, pf=True, xr=True)]
   if m <= 16:
     return [g(16, 64, 128, True, s=4), g(16, 64, 128, True, s=4, st=1, pf=True),
             g(16, 64, 256, True, s=4, st=1, pf=True), g(16, 64, 128, True, s=8, st=1, pf=True),

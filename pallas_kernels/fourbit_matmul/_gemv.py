@@ -14,7 +14,10 @@ once per 8 weights in float32; about 4 instructions per weight at ``M = 1``, aga
 for the generic path (decode to a tile, convert, FMA in float32). With ``config.prefetch``
 the loads of step ``t + 1`` (packed bytes, stored absmax, ``x``) are issued before step ``t``
 is computed, held in registers across the loop (software double buffering), so that only
-the cached double-quant table lookups wait on memory inside a step.
+the cached double-quant table lookups wait on memory inside a step. With ``config.x_reuse``
+the packed bytes are viewed in groups of 8, ``(n, k / g, g / 16, 8)``, and ``x`` alike, so that
+Triton's layout for the ``x`` tiles is the slice of the weight tile's (no shared-memory layout
+conversion and barriers per step) and each thread keeps its ``x`` values for all its rows.
 """
 
 from __future__ import annotations
@@ -66,17 +69,20 @@ def _kernel(*refs, layout: _decode.Layout, m: int, block_n: int, steps: int, nes
   r0 = pid_n * block_n
   rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (block_n,), 0)
   row_mask = rows < layout.n if mask_rows else None
-  bk, nb, h = layout.block_k, layout.sub_blocks, layout.group // 2
+  bk, nb = layout.block_k, layout.sub_blocks
   dtype = x_ref.dtype
   decoder = _decode.Decoder.create(w, layout, dtype, interpret)
   first = pid_s * steps
 
-  def loads(step):  # pairs: x_ref is (2, m, k / g, g / 2), even then odd columns
-    tile = w.packed.at[pl.ds(r0, block_n), pl.ds(step * nb, nb), :]
-    p = _decode.masked_load(tile, None if row_mask is None else row_mask[:, None, None])
-    q = _decode.load_absmax_raw(w, layout, r0, block_n, step, row_mask)
+  inner = (slice(None),) * (w.packed.ndim - 2)  # (g / 2,), or (g / 16, 8) with x_reuse
+
+  def loads(step):  # pairs: x_ref is (2, m, k / g, *inner), even then odd columns
     cols = pl.ds(step * nb, nb)
-    xs = tuple((x_ref[0, jnp.int32(i), cols, :], x_ref[1, jnp.int32(i), cols, :])
+    tile = w.packed.at[(pl.ds(r0, block_n), cols, *inner)]
+    mask = None if row_mask is None else row_mask.reshape((block_n,) + (1,) * (1 + len(inner)))
+    p = _decode.masked_load(tile, mask)
+    q = _decode.load_absmax_raw(w, layout, r0, block_n, step, row_mask)
+    xs = tuple((x_ref[(0, jnp.int32(i), cols, *inner)], x_ref[(1, jnp.int32(i), cols, *inner)])
                for i in range(m))
     return p, q, xs
 
@@ -103,7 +109,7 @@ def _kernel(*refs, layout: _decode.Layout, m: int, block_n: int, steps: int, nes
     ahead = loads(jnp.minimum(step + 1, first + steps - 1))
     return consume(step, loaded, accs), ahead
 
-  shape = (block_n, nb, h) if pairs else (block_n, bk)
+  shape = (block_n, nb, *w.packed.shape[2:]) if pairs else (block_n, bk)
   init = tuple(jnp.zeros(shape, jnp.float32) for _ in range(m))
   if pairs and prefetch:
     accs, _ = jax.lax.fori_loop(0, steps, prefetched, (init, loads(first)))
@@ -138,13 +144,17 @@ def gemv(x: jax.Array, weights: tuple[jax.Array, ...], bias: jax.Array | None, *
       _kernel, layout=layout, m=m, block_n=bn, steps=steps, nested=len(weights) == 7,
       has_bias=bias is not None, mask_rows=n % bn != 0, split=split, pairs=pairs,
       prefetch=config.prefetch, interpret=interpret)
+  out_dtype = x.dtype
   out = jax.ShapeDtypeStruct((s, m, n) if split else (m, n),
-                             jnp.float32 if split else x.dtype)
+                             jnp.float32 if split else out_dtype)
   g = layout.group
-  xin = _pairs.split_x(x).reshape(2, m, k // g, g // 2) if pairs else x
-  args = (xin, *weights)
+  inner = (g // 16, 8) if pairs and config.x_reuse else (g // 2,)
+  if pairs:
+    x = _pairs.split_x(x).reshape(2, m, k // g, *inner)
+    weights = (weights[0].reshape(n, k // g, *inner), *weights[1:])
+  args = (x, *weights)
   args += (bias,) if bias is not None else ()
   y = _decode.launch(kernel, out, (pl.cdiv(n, bn), s), args, name=KERNEL_NAME,
                      num_warps=config.num_warps, num_stages=config.num_stages,
                      interpret=interpret, poison=poison)
-  return _decode.reduce_partials(y, bias, x.dtype) if split else y
+  return _decode.reduce_partials(y, bias, out_dtype) if split else y

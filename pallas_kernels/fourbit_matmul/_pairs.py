@@ -167,7 +167,7 @@ def decode(packed: jax.Array, scale: jax.Array, tables, code_ref, dtype,
     dtype: bfloat16 or float16.
     interpret: emulate with jnp instead of PTX.
   """
-  scale = jnp.broadcast_to(scale[:, :, None], packed.shape)
+  scale = jnp.broadcast_to(scale.reshape(scale.shape + (1,) * (packed.ndim - 2)), packed.shape)
   if interpret:
     s = scale.astype(dtype).astype(jnp.float32)
     return tuple((c * s).astype(dtype) for c in _code(packed, code_ref, dtype))
@@ -216,17 +216,17 @@ def dot_step(packed: jax.Array, scale: jax.Array, xs: Sequence[tuple[jax.Array, 
   absmax * (code[hi] * x_even_i + code[lo] * x_odd_i)``, the two products summed in ``dtype``.
 
   Args:
-    packed: ``(rows, nb, h)`` uint8 packed bytes.
+    packed: ``(rows, nb, ...)`` uint8 packed bytes (the trailing dims span one sub-block).
     scale: ``(rows, nb)`` float32 absmax per sub-block.
-    xs: per row of ``x``, its even and odd columns for this step, ``(nb, h)`` in ``dtype``.
-    accs: per row of ``x``, the float32 accumulator ``(rows, nb, h)``.
+    xs: per row of ``x``, its even and odd columns for this step, ``(nb, ...)`` in ``dtype``.
+    accs: per row of ``x``, the float32 accumulator, shaped as ``packed``.
     tables, code_ref, dtype, interpret: as :func:`decode`.
 
   Returns:
     The updated accumulators.
   """
   shape = packed.shape
-  scale = jnp.broadcast_to(scale[:, :, None], shape)
+  scale = jnp.broadcast_to(scale.reshape(scale.shape + (1,) * (len(shape) - 2)), shape)
   xs = [(jnp.broadcast_to(xe[None], shape), jnp.broadcast_to(xo[None], shape))
         for xe, xo in xs]
   if interpret:

@@ -47,6 +47,7 @@ class Config:
     pairs: bfloat16/float16 ``x`` only (ignored otherwise): keep even and odd columns apart
       (:mod:`._pairs`), ``x`` split outside the kernel; gemv fuses its FMAs into the decode.
     prefetch: gemv with ``pairs``: load step ``t + 1`` while step ``t`` computes.
+    x_reuse: gemv with ``pairs``: 8-byte groups, so ``x`` needs no layout conversion.
   """
   kernel: str = "gemm"
   block_m: int = 64
@@ -59,6 +60,7 @@ class Config:
   group_m: int = 8
   pairs: bool = False
   prefetch: bool = False
+  x_reuse: bool = False
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

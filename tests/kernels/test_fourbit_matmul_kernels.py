@@ -66,7 +66,7 @@ CASES = [
          Config("dq_dot", block_n=16, block_k=256)),
     # even/odd pair decode (_pairs): fused GEMV (one and several rows, split-K) and tiles
     Case((1,), 200, 320, 64, "nf4", True, jnp.bfloat16, True,
-         Config("gemv", block_n=64, block_k=64, pairs=True),
+         Config("gemv", block_n=64, block_k=64, pairs=True, x_reuse=True),
          Config("gemm", block_m=16, block_n=32, block_k=64)),
     Case((2, 3), 130, 512, 128, "fp4", False, jnp.float16, True,
          Config("gemv", block_n=32, block_k=128, split_k=2, pairs=True, prefetch=True),
