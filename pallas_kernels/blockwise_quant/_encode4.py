@@ -1,6 +1,6 @@
 """In-kernel 4-bit encoders: scaled float32 values → NF4 / FP4 codes, exactly as ``reference.py``.
 
-Two encoders give the same bytes:
+Three encoders give the same bytes:
 
 * ``compare``: one comparison per decision threshold (15 for NF4, 7 on ``|s|`` for FP4), the
   reference's own formula; exact for every input including ``±inf`` and NaN.
@@ -23,7 +23,9 @@ Two encoders give the same bytes:
   bin: its coefficients come from a linear program maximizing that margin, and over *every*
   float32 ``|s| <= 1.0001`` the exact ``p(s)`` stays 0.034 (NF4) / 0.37 (FP4) of a bin away
   from a wrong bin, far above any float32 rounding of the evaluation (fused or not). Valid
-  under the same condition as ``table`` (a finite normal absmax gives ``|s| <= 1 + 2**-22``).
+  under the same condition as ``table`` (a finite normal absmax gives ``|s| <= 1 + 2**-22``);
+  with the polynomial's input clamped to [-1, 1] (NaN sent to -1, two PTX ``max``/``min`` on
+  the GPU) it is valid for every input and needs no per-program check (the kernels' default).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ import numpy as np
 
 from pallas_kernels.blockwise_quant import reference
 
-__all__ = ["encode_compare", "encode_table", "encode_poly", "encoder_tables", "poly_table",
-           "pad_code", "TABLE_SIZE", "POLY_TABLE_SIZE"]
+__all__ = ["encode_compare", "encode_table", "encode_poly", "poly_bin", "clamp_select",
+           "encoder_tables", "poly_table", "pad_code", "TABLE_SIZE", "POLY_TABLE_SIZE"]
 
 TABLE_SIZE = 64
 _SCALE = np.float32(16.0)
