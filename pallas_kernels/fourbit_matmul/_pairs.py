@@ -86,8 +86,12 @@ def _make_multi_asm():
 
 try:
   _inline_asm = _make_multi_asm()
+  # Whether blocks with several results lower on this jax; without it the tuning never picks
+  # the pair decode (``_tuning``), so another jax layout costs speed, not a lowering error.
+  MULTI_RESULT_ASM = True
 except (ImportError, AttributeError):  # another jax layout: one result per block only
   _inline_asm = pltriton.elementwise_inline_asm
+  MULTI_RESULT_ASM = False
 
 
 def split_x(x: jax.Array) -> jax.Array:

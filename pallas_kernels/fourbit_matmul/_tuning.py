@@ -19,6 +19,8 @@ from typing import Any
 
 import jax
 
+from pallas_kernels.fourbit_matmul import _pairs
+
 __all__ = ["Config", "forward_config", "grad_config", "valid", "shape_key", "record",
            "TABLE_PATH"]
 
@@ -176,6 +178,8 @@ def _lookup(op: str, m: int, n: int, k: int, blocksize: int, dtype, heuristic) -
     cfg = Config.from_json(entry) if entry is not None else None
     if cfg is None or not valid(cfg, m, n, k, blocksize):
       cfg = heuristic(m, n, k, blocksize)
+    if cfg.pairs and not _pairs.MULTI_RESULT_ASM:
+      cfg = dataclasses.replace(cfg, pairs=False, prefetch=False, x_reuse=False)
     _CACHE[(op, key)] = cfg
   return cfg
 

@@ -189,6 +189,19 @@ def test_tuning_choices_are_valid_and_cached():
           assert _tuning.valid(cfg, int(m), int(n), int(k), int(bs)), (device, op, key)
 
 
+
+def test_pair_decode_not_chosen_without_multi_result_asm(monkeypatch):
+  # On a jax whose Triton lowering lacks the several-result inline asm, the pair decode would
+  # fail to lower: the tuning must fall back to the one-result decode instead.
+  monkeypatch.setattr(_tuning, "_CACHE", {})
+  assert _tuning.forward_config(1, 8192, 8192, 64, jnp.bfloat16).pairs  # the heuristic's choice
+  monkeypatch.setattr(_tuning, "_CACHE", {})
+  monkeypatch.setattr(_tuning._pairs, "MULTI_RESULT_ASM", False)
+  for m in (1, 16):
+    cfg = _tuning.forward_config(m, 8192, 8192, 64, jnp.bfloat16)
+    assert not (cfg.pairs or cfg.prefetch or cfg.x_reuse), cfg
+    assert _tuning.valid(cfg, m, 8192, 8192, 64)
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_kernels_match_reference_gpu(case):
