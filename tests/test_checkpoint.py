@@ -431,3 +431,83 @@ def test_bad_trees_are_refused_at_save(tmp_path):
   with pytest.raises(ValueError, match="no arrays to save"):
     ck.save(tmp_path / "d", {})
   assert not os.path.exists(tmp_path / "a")
+
+
+# -- flax.nnx.Optimizer with 8-bit moments: QuantStates before the first update, mappings of
+# their arrays after it; a run must resume from a checkpoint of either form. --------------
+
+
+class _Net(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(64, 128, rngs=rngs)  # 8192 weights: 8-bit moments; bias: float32
+
+
+def _nnx_setup():
+  from jaxquant import optim as jo  # noqa: PLC0415
+  model = _Net(nnx.Rngs(0))
+  return model, nnx.Optimizer(model, jo.adamw8bit(1e-2), wrt=nnx.Param)
+
+
+_X = jax.random.normal(jax.random.key(1), (4, 64))
+
+
+@nnx.jit
+def _nnx_step(model, optimizer):
+  optimizer.update(model, nnx.grad(lambda m: jnp.mean(m.dense(_X) ** 2))(model))
+
+
+def _leaves(*modules):
+  return [np.asarray(x) for m in modules for x in jax.tree.leaves(nnx.state(m))]
+
+
+def test_nnx_optimizer_resumes_from_updated_8bit_state(tmp_path):
+  model, opt = _nnx_setup()
+  for _ in range(2):
+    _nnx_step(model, opt)
+  kernel_mu = opt.opt_state.mu["dense"]["kernel"].get_value()
+  assert not isinstance(kernel_mu, jq.QuantState)  # what flax holds after an update
+  ck.save(tmp_path / "ck", {"model": nnx.state(model), "opt": nnx.state(opt)})
+  model2, opt2 = _nnx_setup()  # fresh: QuantState moments
+  assert isinstance(opt2.opt_state.mu["dense"]["kernel"].get_value(), jq.QuantState)
+  restored = ck.restore(tmp_path / "ck", {"model": nnx.state(model2), "opt": nnx.state(opt2)},
+                        strict=True)
+  assert isinstance(restored["opt"]["opt_state"]["mu"]["dense"]["kernel"].get_value(),
+                    jq.QuantState)
+  nnx.update(model2, restored["model"])
+  nnx.update(opt2, restored["opt"])
+  for _ in range(2):
+    _nnx_step(model, opt)
+    _nnx_step(model2, opt2)
+  for a, b in zip(_leaves(model, opt), _leaves(model2, opt2)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nnx_optimizer_restores_fresh_8bit_state_into_updated_one(tmp_path):
+  model, opt = _nnx_setup()
+  ck.save(tmp_path / "ck", {"opt": nnx.state(opt)})  # QuantState moments
+  model2, opt2 = _nnx_setup()
+  _nnx_step(model2, opt2)  # now mappings, other values
+  restored = ck.restore(tmp_path / "ck", {"opt": nnx.state(opt2)}, strict=True)
+  nnx.update(opt2, restored["opt"])
+  for moment in ("mu", "nu"):
+    saved = getattr(opt.opt_state, moment)["dense"]
+    back = getattr(opt2.opt_state, moment)["dense"]
+    for field in ("data", "absmax", "code"):
+      np.testing.assert_array_equal(np.asarray(back["kernel"].get_value()[field]),
+                                    np.asarray(getattr(saved["kernel"].get_value(), field)))
+    np.testing.assert_array_equal(np.asarray(back["bias"].get_value()),
+                                  np.asarray(saved["bias"].get_value()))
+  assert int(opt2.opt_state.count.get_value()) == 0
+
+
+def test_quant_state_from_saved_arrays_checks_their_shapes(tmp_path):
+  state = jq.quantize_blockwise(jnp.linspace(-1.0, 1.0, 4096, dtype=jnp.float32))
+  ck.save(tmp_path / "ck", {"w": {"data": state.data[:2048], "absmax": state.absmax,
+                                  "code": state.code}})
+  with pytest.raises(ValueError, match=r"QuantState\.data is uint8\[2048\] in the checkpoint"):
+    ck.restore(tmp_path / "ck", {"w": state})
+  ck.save(tmp_path / "ok", {"w": {"data": state.data, "absmax": state.absmax,
+                                  "code": state.code}})
+  back = ck.restore(tmp_path / "ok", {"w": state})["w"]
+  assert isinstance(back, jq.QuantState)
+  np.testing.assert_array_equal(np.asarray(back.data), np.asarray(state.data))

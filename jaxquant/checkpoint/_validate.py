@@ -55,24 +55,60 @@ def match(saved: dict[str, Any], entries: list[Entry], *, where: str,
       shape or dtype.
   """
   by_path = {tuple(e["path"]): e for e in saved["entries"]}
-  missing = [e.name for e in entries if e.parts not in by_path]
+  found = {e.parts: _saved_info(by_path, e) for e in entries}
+  missing = [e.name for e in entries if found[e.parts] is None]
   if missing:
     raise ValueError(f"checkpoint {where} has no entry {_listing(missing)} that the target "
                      "needs; it was saved from another tree (a different model or optimizer "
                      "layout, or a subset such as the LoRA adapters only)")
   if strict:
-    wanted = {e.parts for e in entries}
-    extra = [path_name(p) for p in by_path if p not in wanted]
+    used = set()
+    for e in entries:
+      used.update(found[e.parts][1])
+    extra = [path_name(p) for p in by_path if p not in used]
     if extra:
       raise ValueError(f"checkpoint {where} holds entries the target lacks: {_listing(extra)}; "
                        "pass strict=False to restore only the target's entries")
   out = []
   for e in entries:
-    info = by_path[e.parts]
-    want = describe(e)
-    _compare(e.name, info, want, where)
+    info = found[e.parts][0]
+    _compare(e.name, info, describe(e), where)
     out.append(info)
   return out
+
+
+def _saved_info(by_path: dict[tuple[str, ...], dict[str, Any]], entry: Entry
+                ) -> tuple[dict[str, Any], list[tuple[str, ...]]] | None:
+  """``(description to restore entry from, saved paths it uses)``, or None if not saved.
+
+  A QuantState and the mapping of its arrays are stored alike (``<path>/<field>``), so either
+  form restores into the other: ``flax.nnx.Optimizer`` holds an optimizer's 8-bit moments as
+  QuantStates when created and as mappings ``{data, absmax, code}`` after its first update, and a
+  training run must resume from either.
+  """
+  if entry.parts in by_path:
+    return by_path[entry.parts], [entry.parts]
+  if is_quant_state(entry.value):  # saved as plain arrays at <path>/<field>
+    want = describe(entry)
+    paths = [entry.parts + (f,) for f in want["arrays"]]
+    saved = [by_path.get(p) for p in paths]
+    if any(i is None or i["kind"] != "array" for i in saved):
+      return None
+    for f, i in zip(want["arrays"], saved):
+      if (i["shape"], i["dtype"]) != (want["arrays"][f]["shape"], want["arrays"][f]["dtype"]):
+        return {**want, "arrays": {**want["arrays"], f: _array_fields(i)}}, paths
+    return {"path": list(entry.parts), **want}, paths
+  parent = by_path.get(entry.parts[:-1])  # an array of a saved QuantState
+  if parent is not None and parent["kind"] == "quant_state":
+    field = entry.parts[-1]
+    if field in parent["arrays"]:
+      return ({"path": list(entry.parts), "kind": "array", **parent["arrays"][field]},
+              [entry.parts[:-1]])
+  return None
+
+
+def _array_fields(info: dict[str, Any]) -> dict[str, Any]:
+  return {"shape": info["shape"], "dtype": info["dtype"]}
 
 
 def _compare(name: str, got: dict[str, Any], want: dict[str, Any], where: str) -> None:
