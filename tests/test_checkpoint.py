@@ -511,3 +511,16 @@ def test_quant_state_from_saved_arrays_checks_their_shapes(tmp_path):
   back = ck.restore(tmp_path / "ok", {"w": state})["w"]
   assert isinstance(back, jq.QuantState)
   np.testing.assert_array_equal(np.asarray(back.data), np.asarray(state.data))
+
+
+def test_shardings_tree_with_none_nodes(tmp_path):
+  mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+  tree = {"a": jnp.arange(16.0).reshape(4, 4), "b": None, "c": {"d": jnp.zeros((8,))}}
+  ck.save(tmp_path / "ck", tree)
+  split = NamedSharding(mesh, P("x"))
+  back = ck.restore(tmp_path / "ck", tree, shardings={"a": split, "b": None, "c": {"d": None}})
+  assert back["a"].sharding == split and back["b"] is None
+  assert back["c"]["d"].sharding == tree["c"]["d"].sharding  # None: the target's own
+  np.testing.assert_array_equal(np.asarray(back["a"]), np.asarray(tree["a"]))
+  with pytest.raises(ValueError, match="shardings has entries the target lacks: 'e'"):
+    ck.restore(tmp_path / "ck", tree, shardings={"a": split, "e": split})

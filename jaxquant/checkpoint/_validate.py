@@ -165,8 +165,9 @@ def sharding_resolver(shardings: Shardings, entries: list[Entry]
   ``shardings`` is a single ``Sharding`` for every array, a callable
   ``(name, ShapeDtypeStruct) -> Sharding | None`` (``name`` is the entry's path, plus
   ``/<field>`` for a QuantState's arrays), a pytree of the target's structure with a
-  ``Sharding`` (or a QuantState of shardings) per entry, or ``None``: the target's own
-  shardings where it has arrays with one.
+  ``Sharding`` (or a QuantState of shardings) per entry -- ``None`` at a node: the target's own
+  sharding there (e.g. ``TrainState`` shardings with optional fields left ``None``) -- or
+  ``None``: the target's own shardings where it has arrays with one.
   """
   if isinstance(shardings, jax.sharding.Sharding):
     return lambda entry, field, abstract: shardings
@@ -179,7 +180,9 @@ def sharding_resolver(shardings: Shardings, entries: list[Entry]
   if shardings is not None:
     from jaxquant.checkpoint._tree import _key_str  # noqa: PLC0415
     leaves, _ = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=_is_sharding_leaf)
-    table = {tuple(_key_str(k) for k in p): s for p, s in leaves}
+    # None in the tree: that entry takes the target's own sharding (as ``shardings=None`` does
+    # for all); a None where the target has no array either (an unused optional field) is fine.
+    table = {tuple(_key_str(k) for k in p): s for p, s in leaves if s is not None}
     unknown = set(table) - {e.parts for e in entries}
     if unknown:
       raise ValueError(f"shardings has entries the target lacks: "
