@@ -150,6 +150,36 @@ def test_lora_follows_base_and_optimizer_state_follows_params(mesh):
   assert specs[0]["count"] == P() and specs[0]["mu"]["q"]["lora_a"] == P(None, None)
 
 
+
+def test_linen_lora_follows_its_base_weight(mesh):
+  import flax.linen as nn  # noqa: PLC0415
+  import jaxquant.nn as jqnn  # noqa: PLC0415
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+      h = nn.Embed(512, 256, name="embed")(ids)
+      h = nn.Dense(512, name="up")(h)         # quantized: torch layout (512, 256), rows split
+      return nn.Dense(256, name="head")(h)    # kept float: flax layout (512, 256)
+
+  variables = Net().init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32))
+  variables = jqnn.quantize_model(variables, jqnn.QuantConfig(
+      load_in_4bit=True, quant_type="nf4", skip_modules=("head",), quantize_embeddings=False))
+  variables = jqnn.add_lora(variables, jqnn.LoraConfig(
+      r=4, target_modules=("up", "head", "embed")), rngs=jax.random.key(1))
+  specs = js.partition_specs(variables, mesh)
+  lora = specs["lora"]
+  assert specs["quantized"]["up"]["kernel"].state.data == P("fsdp", None)
+  assert lora["up"]["adapter"].lora_a == P(None, None)       # (in 256, r): in not split
+  assert lora["up"]["adapter"].lora_b == P(None, "fsdp")     # (r, out 512): follows the rows
+  assert specs["params"]["head"]["kernel"] == P("fsdp", None)  # float (in 512, out 256)
+  assert lora["head"]["adapter"].lora_a == P("fsdp", None)   # (in, r) follows the in split
+  assert lora["head"]["adapter"].lora_b == P(None, None)
+  assert specs["params"]["embed"]["embedding"] == P("fsdp", None)  # float (512, 256)
+  assert lora["embed"]["adapter"].lora_a == P("fsdp", None)  # (num_embeddings, r)
+  assert js.partition_specs(variables, mesh, js.PartitionRules(lora="replicate"))[
+      "lora"]["up"]["adapter"].lora_b == P()
+
 # -- placement, bytes, local shards --------------------------------------------------------
 
 

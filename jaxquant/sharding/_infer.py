@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxquant.nn._linen_layers import QUANT_COLLECTION
+from jaxquant.nn._linen_lora import ADAPTER, LORA_COLLECTION
 from jaxquant.quant_state import QuantState
 from jaxquant.sharding._rules import (PartitionRules, array_spec, fit_spec, normalize_spec,
                                       quant_state_specs, row_spec)
@@ -21,8 +23,14 @@ from jaxquant.sharding._rules import (PartitionRules, array_spec, fit_spec, norm
 __all__ = ["Plan", "plan", "partition_specs", "named_shardings", "path_parts"]
 
 _LORA = ("lora_a", "lora_b")
-# Where a LoRA wrapper keeps the weight it adapts, relative to the wrapper.
+# Where a LoRA wrapper keeps the weight it adapts, relative to the wrapper (NNX).
 _BASES = (("base", "kernel"), ("kernel",), ("base", "embedding"), ("embedding",))
+# Linen: the adapter of module path M is ``lora/M/adapter/{lora_a,lora_b}``; its base weight is
+# ``quantized/M/kernel`` (a LinenQuantWeight: ``.../state``) or ``params/M/kernel`` (float), or
+# ``embedding`` in place of ``kernel`` for an Embed (see ``jaxquant.nn._linen_lora``).
+_LINEN_LORA, _LINEN_ADAPTER = LORA_COLLECTION, ADAPTER
+_LINEN_BASES = tuple((coll, leaf) + tail for leaf in ("kernel", "embedding")
+                     for coll in (QUANT_COLLECTION, "params") for tail in (("state",), ()))
 
 
 def _is_leaf(x: Any) -> bool:
@@ -92,13 +100,17 @@ def _lora_follow(parts: tuple[str, ...], shape: tuple[int, ...],
                  tensors: dict[tuple[str, ...], tuple[P, bool]], mesh: Mesh) -> P | None:
   """The spec of adapter ``parts`` derived from its base weight, or None if none is found."""
   parent, which = parts[:-1], parts[-1]
-  for base in _BASES:
-    found = tensors.get(parent + base)
+  candidates = [parent + base for base in _BASES]
+  if len(parts) >= 4 and parts[0] == _LINEN_LORA and parts[-2] == _LINEN_ADAPTER:
+    module = parts[1:-2]
+    candidates += [(base[0],) + module + base[1:] for base in _LINEN_BASES]
+  for path in candidates:
+    found = tensors.get(path)
     if found is None:
       continue
     spec, torch_layout = found
     s = normalize_spec(spec, 2)
-    if base[-1] == "kernel":
+    if "embedding" not in path[-2:]:
       in_axes, out_axes = (s[1], s[0]) if torch_layout else (s[0], s[1])
       want = P(in_axes, None) if which == "lora_a" else P(None, out_axes)
     else:  # embedding table (num, features)
