@@ -100,17 +100,18 @@ def _lora_follow(parts: tuple[str, ...], shape: tuple[int, ...],
                  tensors: dict[tuple[str, ...], tuple[P, bool]], mesh: Mesh) -> P | None:
   """The spec of adapter ``parts`` derived from its base weight, or None if none is found."""
   parent, which = parts[:-1], parts[-1]
-  candidates = [parent + base for base in _BASES]
+  candidates = [(parent + base, base[-1] == "embedding") for base in _BASES]
   if len(parts) >= 4 and parts[0] == _LINEN_LORA and parts[-2] == _LINEN_ADAPTER:
     module = parts[1:-2]
-    candidates += [(base[0],) + module + base[1:] for base in _LINEN_BASES]
-  for path in candidates:
+    candidates += [((base[0],) + module + base[1:], base[1] == "embedding")
+                   for base in _LINEN_BASES]
+  for path, is_embedding in candidates:
     found = tensors.get(path)
     if found is None:
       continue
     spec, torch_layout = found
     s = normalize_spec(spec, 2)
-    if "embedding" not in path[-2:]:
+    if not is_embedding:
       in_axes, out_axes = (s[1], s[0]) if torch_layout else (s[0], s[1])
       want = P(in_axes, None) if which == "lora_a" else P(None, out_axes)
     else:  # embedding table (num, features)
