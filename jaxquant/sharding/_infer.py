@@ -28,7 +28,6 @@ _BASES = (("base", "kernel"), ("kernel",), ("base", "embedding"), ("embedding",)
 # Linen: the adapter of module path M is ``lora/M/adapter/{lora_a,lora_b}``; its base weight is
 # ``quantized/M/kernel`` (a LinenQuantWeight: ``.../state``) or ``params/M/kernel`` (float), or
 # ``embedding`` in place of ``kernel`` for an Embed (see ``jaxquant.nn._linen_lora``).
-_LINEN_LORA, _LINEN_ADAPTER = LORA_COLLECTION, ADAPTER
 _LINEN_BASES = tuple((coll, leaf) + tail for leaf in ("kernel", "embedding")
                      for coll in (QUANT_COLLECTION, "params") for tail in (("state",), ()))
 
@@ -101,7 +100,7 @@ def _lora_follow(parts: tuple[str, ...], shape: tuple[int, ...],
   """The spec of adapter ``parts`` derived from its base weight, or None if none is found."""
   parent, which = parts[:-1], parts[-1]
   candidates = [(parent + base, base[-1] == "embedding") for base in _BASES]
-  if len(parts) >= 4 and parts[0] == _LINEN_LORA and parts[-2] == _LINEN_ADAPTER:
+  if len(parts) >= 4 and parts[0] == LORA_COLLECTION and parts[-2] == ADAPTER:
     module = parts[1:-2]
     candidates += [((base[0],) + module + base[1:], base[1] == "embedding")
                    for base in _LINEN_BASES]
