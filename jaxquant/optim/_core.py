@@ -201,6 +201,15 @@ def _as_quant_state(moment: Any, grad: Any, blocksize: int) -> Any:
                     blocksize=blocksize, quant_type="blockwise8")
 
 
+def _as_given(moment: Any, new: Any) -> Any:
+  """``new`` in the form ``moment`` came in: a mapping of a QuantState's arrays stays a mapping
+  of the same type (wrappers such as ``optax.MultiSteps`` and ``optax.apply_if_finite`` select
+  between the old and the new state, which must have one structure)."""
+  if isinstance(moment, Mapping) and _state.is_quant_state(new):
+    return type(moment)({k: getattr(new, k) for k in moment})
+  return new
+
+
 def _run(spec: Spec, grads: Any, state: NamedTuple, params: Any, write: str):
   """Shared body of ``update`` (write="update") and the fused apply (write="param")."""
   opts = spec.options
@@ -213,9 +222,9 @@ def _run(spec: Spec, grads: Any, state: NamedTuple, params: Any, write: str):
   g_leaves, treedef = jax.tree_util.tree_flatten(grads)
   n = len(g_leaves)
   p_leaves = treedef.flatten_up_to(params) if needs_p else [None] * n
-  field_leaves = [[_as_quant_state(m, g, opts.blocksize) for m, g in
-                   zip(treedef.flatten_up_to(getattr(state, f)), g_leaves)]
-                  for f in spec.fields]
+  given = [treedef.flatten_up_to(getattr(state, f)) for f in spec.fields]
+  field_leaves = [[_as_quant_state(m, g, opts.blocksize) for m, g in zip(leaves, g_leaves)]
+                  for leaves in given]
   gnorm_leaves = (treedef.flatten_up_to(state.gnorm) if state.gnorm is not None
                   else [None] * n)
   wd_on = _wd_leaves(spec, treedef, params, n) if needs_p else [True] * n
@@ -248,7 +257,9 @@ def _run(spec: Spec, grads: Any, state: NamedTuple, params: Any, write: str):
     outs.append(out)
     new_fields.append(new)
     new_gnorm.append(hist)
-  fields = {f: treedef.unflatten([nf[k] for nf in new_fields]) for k, f in enumerate(spec.fields)}
+  fields = {f: treedef.unflatten([_as_given(given[k][i], nf[k])
+                                  for i, nf in enumerate(new_fields)])
+            for k, f in enumerate(spec.fields)}
   gnorm = None if state.gnorm is None else treedef.unflatten(new_gnorm)
   return treedef.unflatten(outs), spec.state_cls(count=step, gnorm=gnorm, **fields)
 

@@ -1,0 +1,85 @@
+"""jaxquant.optim as an Optax user wraps it: nnx.Optimizer under MultiSteps / apply_if_finite,
+inject_hyperparams of every alias, Optax's prefix masks, hyperparameter checks of the chained
+aliases, non-finite gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxquant.optim as jo
+
+
+def _params():
+  k1, k2 = jax.random.split(jax.random.key(0), 2)
+  return {"enc": {"w": 0.05 * jax.random.normal(k1, (16, 256)), "b": jnp.zeros(8)},
+          "dec": {"w": 0.05 * jax.random.normal(k2, (16, 256))}}
+
+
+def _grads(params, seed):
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([1e-2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def _run(tx, params, steps=3):
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for i in range(steps):
+    updates, state = update(_grads(params, i), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def _same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# -- nnx.Optimizer under Optax wrappers ----------------------------------------------------------
+
+
+class _Net(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(64, 128, rngs=rngs)  # 8192 weights: 8-bit moments; bias: float32
+
+
+_X = jax.random.normal(jax.random.key(1), (4, 64))
+
+
+def _loss(m):
+  return jnp.mean(m.dense(_X) ** 2)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda tx: optax.MultiSteps(tx, every_k_schedule=2),
+    lambda tx: optax.apply_if_finite(tx, max_consecutive_errors=2),
+], ids=["MultiSteps", "apply_if_finite"])
+def test_nnx_optimizer_with_state_selecting_wrappers(wrap):
+  """nnx.Optimizer hands the 8-bit moments back as mappings of their arrays after an update;
+  wrappers that select between the old and the new inner state (MultiSteps' accumulation,
+  apply_if_finite) need both in the same form, and the result must equal the functional path."""
+  model = _Net(nnx.Rngs(0))
+  graphdef, params = nnx.split(_Net(nnx.Rngs(0)), nnx.Param)
+  tx = wrap(jo.adamw8bit(1e-2))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def nnx_step(model, optimizer):
+    optimizer.update(model, nnx.grad(_loss)(model))
+
+  @jax.jit
+  def functional_step(params, opt_state):
+    grads = jax.grad(lambda p: _loss(nnx.merge(graphdef, p)))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  for _ in range(3):
+    nnx_step(model, optimizer)
+    params, opt_state = functional_step(params, opt_state)
+  _same(nnx.state(model, nnx.Param), params)
