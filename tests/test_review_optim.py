@@ -83,3 +83,29 @@ def test_nnx_optimizer_with_state_selecting_wrappers(wrap):
     nnx_step(model, optimizer)
     params, opt_state = functional_step(params, opt_state)
   _same(nnx.state(model, nnx.Param), params)
+
+
+# -- optax.inject_hyperparams ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("rmsprop8bit", {}), ("rmsprop8bit", {"momentum": 0.9}),
+    ("adagrad8bit", {"initial_accumulator_value": 0.5})])
+def test_state_initial_value_under_inject_hyperparams(name, kwargs):
+  """inject_hyperparams injects every numeric argument (defaults included) and rebuilds the
+  transform inside ``update`` with traced values, the state's initial value among them
+  (rmsprop8bit's initial_scale, adagrad8bit's initial_accumulator_value); init uses it."""
+  params = {"w": _params()["dec"]["w"], "b": jnp.zeros(8)}
+  alias = getattr(jo, name)
+  injected = optax.inject_hyperparams(alias)(learning_rate=1e-2, **kwargs)
+  init = jax.jit(injected.init)(params)
+  assert float(optax.tree_utils.tree_get(init, "learning_rate")) == pytest.approx(1e-2)
+  if name == "adagrad8bit":
+    acc = init.inner_state.sum_of_squares
+    np.testing.assert_array_equal(np.asarray(acc["b"]), np.full(8, 0.5, np.float32))
+  got, _ = _run(injected, params, steps=2)
+  want, _ = _run(alias(1e-2, **kwargs), params, steps=2)
+  # 1 - decay in float32 (traced) vs double: a code may flip at a midpoint, moving a parameter
+  # by a small fraction of lr.
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)

@@ -17,7 +17,7 @@ import numpy as np
 from jaxquant import _dispatch, _validate
 
 __all__ = ["Options", "check_nonnegative", "check_beta", "check_positive_int", "concrete_value",
-           "is_static_zero"]
+           "is_static_zero", "initial_value"]
 
 BLOCKSIZES = _validate.BLOCKSIZES_8BIT
 
@@ -58,6 +58,21 @@ def check_beta(name: str, value: Any, *, allow_zero: bool = True) -> None:
   if not (low_ok and v < 1):
     interval = "[0, 1)" if allow_zero else "(0, 1)"
     raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+
+
+def initial_value(name: str, value: Any) -> Any:
+  """A state's initial value: a float, or a traced scalar passed through.
+
+  ``optax.inject_hyperparams`` injects every numeric argument, this one included, and rebuilds
+  the transform inside each ``update`` with traced values; ``update`` never reads the initial
+  value, and ``init`` (which does) gets it concrete. Schedules are refused.
+  """
+  v = concrete_value(value)
+  if v is not None:
+    return v
+  if isinstance(value, jax.core.Tracer):
+    return value
+  raise ValueError(f"{name} must be a number (not a schedule), got {value!r}")
 
 
 def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> None:

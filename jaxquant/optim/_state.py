@@ -43,17 +43,14 @@ def full_8bit(param: Any, value: float, signed: bool, blocksize: int) -> QuantSt
 
   ``value == 0`` gives all codes of 0.0 and absmax 0 (bitsandbytes zero-initialises the bytes
   and absmax; those decode to zero too). A positive value is stored exactly: every code is 1.0
-  (index 255) and each absmax is ``value``.
+  (index 255) and each absmax is ``value``. ``value`` may be a traced scalar (e.g. injected by
+  ``optax.inject_hyperparams`` into a jitted ``init``).
   """
   shape = tuple(param.shape)
   absmax_shape = _layout.absmax_shape(shape, blocksize)
-  if value == 0:
-    zero = 127 if signed else 0
-    data = jnp.full(shape, zero, jnp.uint8)
-    absmax = jnp.zeros(absmax_shape, jnp.float32)
-  else:
-    data = jnp.full(shape, 255, jnp.uint8)
-    absmax = jnp.full(absmax_shape, value, jnp.float32)
+  index = jnp.where(jnp.asarray(value) == 0, 127 if signed else 0, 255).astype(jnp.uint8)
+  data = jnp.full(shape, index, jnp.uint8)
+  absmax = jnp.full(absmax_shape, value, jnp.float32)
   return QuantState(data=data, absmax=absmax, code=code_for(signed), nested_absmax=None,
                     nested_code=None, offset=None, shape=shape, dtype=jnp.float32,
                     blocksize=blocksize, quant_type="blockwise8")

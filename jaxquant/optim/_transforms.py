@@ -160,9 +160,7 @@ def _rms_like(decay, eps, initial_scale, eps_in_sqrt, bias_correction, options, 
   _config.check_beta("decay", decay)
   _config.check_nonnegative("eps", eps)
   _config.check_nonnegative("initial_scale", initial_scale)
-  init = _config.concrete_value(initial_scale)
-  if init is None:
-    raise ValueError(f"initial_scale must be a number, got {initial_scale!r}")
+  init = _config.initial_value("initial_scale", initial_scale)
 
   def scalars(count, step):
     del count
@@ -182,10 +180,7 @@ def scale_by_adagrad_8bit(initial_accumulator_value=0.1, eps=1e-7,
 def _adagrad_like(initial_accumulator_value, eps, options, **alias):
   _config.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
   _config.check_nonnegative("eps", eps)
-  init = _config.concrete_value(initial_accumulator_value)
-  if init is None:
-    raise ValueError("initial_accumulator_value must be a number, got "
-                     f"{initial_accumulator_value!r}")
+  init = _config.initial_value("initial_accumulator_value", initial_accumulator_value)
   return make("adagrad", ScaleByAdagrad8bitState, ("sum_of_squares",),
               lambda c, s: dict(eps=eps), init_values=(init,), options=options, **alias)
 
