@@ -126,7 +126,9 @@ def _interceptor(next_fun, args, kwargs, context):
            else next_fun(*args, **kwargs))
       return y if lora is None else _lora_lookup(lora, ids, y)
     q = _first_arg(args, kwargs, "query")
-    y = (_common.embed_attend(w.state, q, _embed_dtype(module, w), threshold=w.threshold)
+    # nn.Embed.attend promotes the query with the table (dtype=None), unlike its lookup
+    attend_dtype = _common.output_dtype(q.dtype, module.param_dtype, module.dtype)
+    y = (_common.embed_attend(w.state, q, attend_dtype, threshold=w.threshold)
          if w is not None else next_fun(*args, **kwargs))
     return y if lora is None else _lora_attend(lora, q, y)
   if method == "__call__":

@@ -145,8 +145,11 @@ class _QuantEmbed(nn.Module):
     return _common.embed_lookup(self.state.value, inputs, self._out_dtype())
 
   def attend(self, query: jax.Array) -> jax.Array:
-    """``query @ table.T`` (tied head): ``(..., features)`` → ``(..., num_embeddings)``."""
-    return _common.embed_attend(self.state.value, query, self._out_dtype(),
+    """``query @ table.T`` (tied head): ``(..., features)`` → ``(..., num_embeddings)`` in
+    ``dtype``, or (``dtype=None``) the promotion of ``query.dtype`` and ``param_dtype``, as
+    ``nn.Embed.attend``."""
+    out_dtype = _common.output_dtype(query.dtype, self.param_dtype, self.dtype)
+    return _common.embed_attend(self.state.value, query, out_dtype,
                                 threshold=getattr(self, "threshold", 0.0))
 
 
