@@ -109,3 +109,25 @@ def test_state_initial_value_under_inject_hyperparams(name, kwargs):
   # by a small fraction of lr.
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+# -- weight decay mask -------------------------------------------------------------------------
+
+
+def test_weight_decay_mask_may_be_a_prefix_tree():
+  """optax.adamw(mask=...) takes a mask that is a prefix of the parameters' structure
+  (optax.masked broadcasts each bool over its subtree); the 8-bit aliases must too."""
+  params, grads = _params(), _grads(_params(), 0)
+
+  def update(**kw):
+    tx = jo.adamw8bit(1e-2, min_8bit_size=1 << 20, **kw)  # float32 state: the mask is the point
+    return tx.update(grads, tx.init(params), params)[0]
+
+  want = update(weight_decay=0.5, mask={"enc": {"w": False, "b": False}, "dec": {"w": True}})
+  for prefix in ({"enc": False, "dec": True}, lambda p: {"enc": False, "dec": True}):
+    _same(update(weight_decay=0.5, mask=prefix), want)
+  no_decay = update(weight_decay=0.0)
+  _same(want["enc"], no_decay["enc"])
+  assert not np.allclose(np.asarray(want["dec"]["w"]), np.asarray(no_decay["dec"]["w"]))
+  with pytest.raises(ValueError, match="mask must be a pytree of bools"):
+    update(weight_decay=0.5, mask={"enc": False, "other": True})

@@ -119,10 +119,18 @@ def _hparams(spec: Spec, count: jax.Array) -> jax.Array:
 
 
 def _wd_leaves(spec: Spec, treedef, params: Any, n: int) -> list[bool]:
+  """Per leaf: whether weight decay applies. The mask (or what a callable mask returns) has the
+  structure of the parameters or, as in ``optax.masked``, a prefix of it (``{"enc": False}``
+  covers every leaf under ``"enc"``)."""
   if spec.wd_mask is None:
     return [True] * n
   mask = spec.wd_mask(params) if callable(spec.wd_mask) else spec.wd_mask
-  return [bool(m) for m in treedef.flatten_up_to(mask)]
+  try:
+    full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask, params)
+    return [bool(m) for m in treedef.flatten_up_to(full)]
+  except (ValueError, TypeError) as e:
+    raise ValueError("mask must be a pytree of bools with the structure of the parameters or a "
+                     f"prefix of it (or a callable of the parameters returning one): {e}") from None
 
 
 def _leaf_update(spec: Spec, g, p, moments, hp, write: str, on_host: bool):
