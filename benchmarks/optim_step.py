@@ -23,6 +23,7 @@ Usage: ``python benchmarks/optim_step.py [--leaves 16] [--dim 8192] [--out resul
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -224,7 +225,8 @@ def kernel_sweep(dim: int, configs) -> list[dict]:
                   "tbps": gbytes / (t * 1e-3) / 1e12,
                   "cfg": None if cfg is None or impl != "pallas" else dict(
                       rows=cfg.rows, tiles_per_program=cfg.tiles_per_program,
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)})
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                      encoder=cfg.encoder)})
     except Exception as e:  # noqa: BLE001  (report every configuration)
       out.append({"impl": impl, "config": label, "error": f"{type(e).__name__}: {e}"[:600]})
     print(out[-1], flush=True)
@@ -296,6 +298,8 @@ def main() -> None:
                   help="offload prefetch depths to run, e.g. '1,none' ('none': XLA's order)")
   ap.add_argument("--no-sweep-configs", action="store_true",
                   help="sweep only the default configuration (with io-only and xla)")
+  ap.add_argument("--encoders", default=",".join(kernel.ENCODERS),
+                  help="KernelConfig.encoder values to sweep, e.g. 'masked,fixed'")
   args = ap.parse_args()
   sections = set(args.sections.split(","))
   results: dict = {"env": report_env(), "shape": f"{args.leaves} x {args.dim}^2 float32",
@@ -324,8 +328,9 @@ def main() -> None:
 
   if "sweep" in sections:
     def sweep():
-      rows = kernel_sweep(args.dim, [kernel.DEFAULT_CONFIG] if args.no_sweep_configs
-                          else [kernel.DEFAULT_CONFIG] + SWEEP)
+      base = [kernel.DEFAULT_CONFIG] if args.no_sweep_configs else [kernel.DEFAULT_CONFIG] + SWEEP
+      rows = kernel_sweep(args.dim, [dataclasses.replace(c, encoder=e)
+                                     for e in args.encoders.split(",") for c in base])
       ok = [r for r in rows if "median_ms" in r and r["cfg"] is not None]
       if ok:
         best["cfg"] = min(ok, key=lambda r: r["median_ms"])["cfg"]

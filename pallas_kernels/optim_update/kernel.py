@@ -25,6 +25,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -34,6 +35,8 @@ from pallas_kernels.optim_update import exact, families
 __all__ = ["KernelConfig", "DEFAULT_CONFIG", "update_8bit", "geometry", "BLOCKSIZE"]
 
 BLOCKSIZE = 256
+# KernelConfig.encoder -> the tables its encoder reads (exact.encode / exact.encode_fixed)
+ENCODERS = {"masked": exact.tables, "fixed": exact.fixed_tables}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +52,17 @@ class KernelConfig:
     num_stages: Triton pipelining stages.
     alias: update parameters (``write="param"``) and state in place (``input_output_aliases``);
       without donation of those buffers by the caller XLA then copies them first.
+    encoder: ``"masked"`` (``exact.encode``: every tile reads the map near midpoints through
+      masked loads) or ``"fixed"`` (``exact.encode_fixed``: a fixed-point candidate in about
+      half the instructions, and a branch that reads the map only in tiles holding a value
+      within 2**-13 of a midpoint). Both write the reference's bytes.
   """
   rows: int = 1
   tiles_per_program: int = 1
   num_warps: int = 1
   num_stages: int = 1
   alias: bool = True
+  encoder: str = "masked"
 
   def __post_init__(self):
     for name in ("rows", "tiles_per_program"):
@@ -63,6 +71,8 @@ class KernelConfig:
     for name in ("num_warps", "num_stages"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+    if self.encoder not in ENCODERS:
+      raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {self.encoder!r}")
 
 
 def geometry(n_blocks: int, config: KernelConfig) -> tuple[int, int]:
@@ -81,11 +91,27 @@ def geometry(n_blocks: int, config: KernelConfig) -> tuple[int, int]:
 DEFAULT_CONFIG = KernelConfig()
 
 
-def _encoder(map_ref, table_refs, interpret: bool):
-  """``(lookup, midpoint)`` callbacks of ``exact.encode`` reading kernel refs."""
+@functools.cache
+def packed_tables(encoder: str, signed: bool) -> tuple[np.ndarray, dict[str, int]]:
+  """The encoder's tables end to end in one float32 array (zero-padded to a power of two) and
+  each table's offset in it: one base address for all lookups, constant offsets folded into
+  the loads."""
+  tables = ENCODERS[encoder](signed)
+  offsets, parts, size = {}, [], 0
+  for name in exact.TABLE_NAMES:
+    offsets[name] = size
+    parts.append(tables[name])
+    size += tables[name].size
+  packed = np.zeros(1 << (size - 1).bit_length(), np.float32)
+  packed[:size] = np.concatenate(parts)
+  return packed, offsets
+
+
+def _encoder(map_ref, table_ref, offsets: dict[str, int], interpret: bool):
+  """``(lookup, midpoint)`` callbacks of the ``exact`` encoders reading kernel refs."""
 
   def lookup(name, i):
-    return table_refs[name][i]
+    return table_ref[i + offsets[name]]
 
   def midpoint(b, mask):
     if interpret:  # the interpreter's masked gather is the plain one
@@ -98,11 +124,23 @@ def _encoder(map_ref, table_refs, interpret: bool):
   return lookup, midpoint
 
 
-def _quantize(s, map_ref, table_refs, signed, interpret):
+def _tie_break_if_any(near, decide, candidate):
+  """``decide()`` where some lane of the tile is ``near``, else ``candidate`` (a branch)."""
+  flag = near.astype(jnp.int32)
+  while flag.ndim:
+    flag = jnp.max(flag, axis=-1)
+  return jax.lax.cond(flag > 0, decide, lambda: candidate)
+
+
+def _quantize(s, map_ref, table_ref, signed, interpret, encoder):
   absmax = _common.row_absmax(s)
   recip = jnp.where(absmax > 0, _common.reciprocal(absmax, interpret), 0.0)
-  lookup, midpoint = _encoder(map_ref, table_refs, interpret)
-  codes = exact.encode(s * recip[:, None], signed, lookup, midpoint)
+  lookup, midpoint = _encoder(map_ref, table_ref, packed_tables(encoder, signed)[1], interpret)
+  x = s * recip[:, None]
+  if encoder == "fixed":
+    codes = exact.encode_fixed(x, signed, lookup, midpoint, _tie_break_if_any)
+  else:
+    codes = exact.encode(x, signed, lookup, midpoint)
   return codes.astype(jnp.uint8), absmax
 
 
@@ -121,14 +159,13 @@ def _for_each_tile(rows: int, tiles: int, loads, process) -> None:
   jax.lax.fori_loop(0, tiles, body, tuple(load(0) for load in loads))
 
 
-def _body(*refs, fam, flags, write, has_p, rows, tiles, interpret):
+def _body(*refs, fam, flags, write, has_p, rows, tiles, interpret, encoder):
   n_states = fam.n_states
   it = iter(refs)
   hp_ref, g_ref = next(it), next(it)
   p_ref = next(it) if has_p else None
   map_refs = [next(it) for _ in range(n_states)]
-  table_refs = {signed: {name: next(it) for name in exact.TABLE_NAMES}
-                for signed in sorted(set(fam.signed))}
+  table_refs = {signed: next(it) for signed in sorted(set(fam.signed))}
   q_refs = [next(it) for _ in range(n_states)]
   a_refs = [next(it) for _ in range(n_states)]
   out_ref = next(it)
@@ -152,7 +189,7 @@ def _body(*refs, fam, flags, write, has_p, rows, tiles, interpret):
     view(out_ref, start)[...] = out.astype(out_ref.dtype)
     for k in range(n_states):
       codes, absmax = _quantize(new[k], map_refs[k], table_refs[fam.signed[k]], fam.signed[k],
-                                interpret)
+                                interpret, encoder)
       view(qo_refs[k], start)[...] = codes
       view(ao_refs[k], start)[...] = absmax
 
@@ -195,10 +232,9 @@ def update_8bit(g: jax.Array, p: jax.Array | None, codes: tuple[jax.Array, ...],
   args += [m.astype(jnp.float32) for m in maps]
   in_specs += [whole(256)] * n_states
   for signed in sorted(set(fam.signed)):
-    for name in exact.TABLE_NAMES:
-      table = exact.tables(signed)[name]
-      args.append(jnp.asarray(table))
-      in_specs.append(whole(table.size))
+    table = packed_tables(config.encoder, signed)[0]
+    args.append(jnp.asarray(table))
+    in_specs.append(whole(table.size))
   first_state = len(args)
   args += list(codes) + [a.reshape(n_blocks) for a in absmax]
   in_specs += [tile] * n_states + [row] * n_states
@@ -214,7 +250,8 @@ def update_8bit(g: jax.Array, p: jax.Array | None, codes: tuple[jax.Array, ...],
                + [jax.ShapeDtypeStruct((n_blocks,), jnp.float32)] * n_states)
   out_specs = [tile] * (1 + n_states) + [row] * n_states
   body = functools.partial(_body, fam=fam, flags=families.flag_dict(fam, flags), write=write,
-                           has_p=has_p, rows=rows, tiles=tiles, interpret=interpret)
+                           has_p=has_p, rows=rows, tiles=tiles, interpret=interpret,
+                           encoder=config.encoder)
   _common.silence_triton_deprecation()
   outs = pl.pallas_call(
       body, out_shape=out_shape, grid=(n_blocks // (rows * tiles),), in_specs=in_specs,

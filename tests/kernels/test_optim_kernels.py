@@ -182,6 +182,64 @@ def test_exact_encoder_margins(signed):
   assert (np.abs(y - split) / split)[at_split].max() < exact.SPLIT_TOL / 20
 
 
+def test_fixed_encoder_split_midpoints_are_the_maps():
+  for signed in (True, False):
+    table = codebooks.dynamic_map(signed)
+    for k, bits in exact.SPLIT_MIDPOINTS[signed]:
+      mid = (table[k] + table[k + 1]) * np.float32(0.5)
+      assert int(np.float32(mid).view(np.uint32)) == bits, (signed, k)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_fixed_encoder_equals_binary_search(signed):
+  table = codebooks.dynamic_map(signed)
+  x = _edge_values(table)
+  got = np.asarray(jax.jit(functools.partial(exact.xla_encode_fixed, signed=signed))(
+      jnp.asarray(x), jnp.asarray(table)))
+  want = _search_codes(x, table, signed)
+  bad = np.nonzero(got != want)[0]
+  assert bad.size == 0, (x[bad[:8]], got[bad[:8]], want[bad[:8]])
+
+
+def _fixed_candidates(y: np.ndarray, signed: bool):
+  """``encode_fixed``'s candidate for ``y >= 0`` with ``t`` in float64 (within 2**-40 of
+  exact): ``(candidate, distance of t to the nearest integer)``."""
+  tabs = {k: v.astype(np.float64) for k, v in exact.fixed_tables(signed).items()}
+  e = y.view(np.int32) >> 23
+  s = 2 * e + (y > tabs["S"][e])
+  t = np.minimum(y.astype(np.float64) * tabs["A"][s] + tabs["C"][s], tabs["H"][s])
+  floor = np.floor(t)
+  return floor.astype(np.int64) - 256, np.minimum(t - floor, floor + 1 - t)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_fixed_encoder_candidate_outside_band(signed):
+  """Outside the band decided exactly, the fixed-point candidate is the reference's code even
+  after the kernel's float32 rounding of ``t`` (at most one unit of 2**-15): checked on every
+  float32 in [0, 1] with stride 509 (every float with JAXQUANT_EXHAUSTIVE=1, ~1 minute),
+  plus every midpoint of the map and its 256 float32 neighbours on either side."""
+  import os
+  table = codebooks.dynamic_map(signed)
+  mids = (table[1:] + table[:-1]) * np.float32(0.5)
+  stride = 1 if os.environ.get("JAXQUANT_EXHAUSTIVE") else 509
+  top = int(np.float32(1.0 + 2**-10).view(np.int32))
+  near_mids = (mids[mids > 0].view(np.int32)[:, None] + np.arange(-256, 257)).reshape(-1)
+  margin = exact.DELTA_FIXED - 2.0**-15
+  for start in range(0, top + 1, 1 << 24):
+    bits = np.arange(start, min(start + (1 << 24), top + 1), stride, dtype=np.int32)
+    if start == 0:
+      bits = np.concatenate([bits, near_mids.astype(np.int32)])
+    y = bits.view(np.float32)
+    k = np.searchsorted(mids, y, side="left")  # midpoints below y; on one, the even code
+    on = (k < mids.size) & (mids[np.minimum(k, mids.size - 1)] == y)
+    want = np.where(on & (k % 2 == 1), k + 1, k)
+    got, dist = _fixed_candidates(y, signed)
+    wrong = got != want
+    assert not np.any(wrong & (dist >= margin)), y[wrong & (dist >= margin)][:8]
+    if wrong.any():  # every wrong candidate is far inside the band
+      assert dist[wrong].max() < exact.DELTA_FIXED / 4
+
+
 # -- kernel (interpret mode) vs reference ------------------------------------------------
 
 
@@ -264,9 +322,10 @@ def _strict_run(family, n_blocks, fn):
   assert np.unique(np.asarray(got[1][0])).size > 200
 
 
-@pytest.mark.parametrize("family", ["adam", "momentum"])
-def test_interpret_codes_are_reference_bytes(family):
-  cfg = kernel.KernelConfig(rows=4, tiles_per_program=2)
+@pytest.mark.parametrize("family, encoder", [("adam", "masked"), ("momentum", "masked"),
+                                             ("adam", "fixed"), ("momentum", "fixed")])
+def test_interpret_codes_are_reference_bytes(family, encoder):
+  cfg = kernel.KernelConfig(rows=4, tiles_per_program=2, encoder=encoder)
   _strict_run(family, 16, lambda f: jax.jit(functools.partial(
       api.update_8bit_interpret, family=f, config=cfg)))
 
@@ -291,6 +350,8 @@ def test_kernel_config_and_geometry():
     kernel.KernelConfig(rows=3)
   with pytest.raises(ValueError, match="tiles_per_program"):
     kernel.KernelConfig(tiles_per_program=0)
+  with pytest.raises(ValueError, match="encoder must be one of"):
+    kernel.KernelConfig(encoder="search")
   cfg = kernel.KernelConfig(rows=4, tiles_per_program=8)
   assert kernel.geometry(262144, cfg) == (4, 8)
   assert kernel.geometry(24, cfg) == (4, 2)  # 8 blocks per program
@@ -317,21 +378,25 @@ def test_gpu_kernel_matches_reference(case, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("encoder", sorted(kernel.ENCODERS))
 @pytest.mark.parametrize("family", ["adam", "momentum"])
 @pytest.mark.parametrize("rows, tiles, warps", [(1, 1, 1), (4, 4, 4), (16, 2, 8)])
-def test_gpu_codes_are_reference_bytes(family, rows, tiles, warps):
-  cfg = kernel.KernelConfig(rows=rows, tiles_per_program=tiles, num_warps=warps)
+def test_gpu_codes_are_reference_bytes(family, rows, tiles, warps, encoder):
+  cfg = kernel.KernelConfig(rows=rows, tiles_per_program=tiles, num_warps=warps,
+                            encoder=encoder)
   _strict_run(family, 1000, lambda f: jax.jit(functools.partial(
       api.update_8bit_pallas, family=f, config=cfg)))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("encoder", sorted(kernel.ENCODERS))
 @pytest.mark.parametrize("rows, tiles, warps", [(1, 1, 1), (4, 4, 4), (16, 2, 8)])
-def test_gpu_kernel_configs(rows, tiles, warps):
+def test_gpu_kernel_configs(rows, tiles, warps, encoder):
   g, p, codes, absmax, maps = _inputs("ademamix", n_blocks=1000, seed=3)
   hp = _hparams("ademamix")
   want = reference.update_8bit(g, p, codes, absmax, maps, hp, family="ademamix", write="param")
-  cfg = kernel.KernelConfig(rows=rows, tiles_per_program=tiles, num_warps=warps)
+  cfg = kernel.KernelConfig(rows=rows, tiles_per_program=tiles, num_warps=warps,
+                            encoder=encoder)
   got = jax.jit(functools.partial(api.update_8bit_pallas, family="ademamix", write="param",
                                   config=cfg))(g, p, codes, absmax, maps, hp)
   _compare("ademamix", got, want, _exact_states("ademamix", g, codes, absmax, maps, hp))
