@@ -131,3 +131,23 @@ def test_weight_decay_mask_may_be_a_prefix_tree():
   assert not np.allclose(np.asarray(want["dec"]["w"]), np.asarray(no_decay["dec"]["w"]))
   with pytest.raises(ValueError, match="mask must be a pytree of bools"):
     update(weight_decay=0.5, mask={"enc": False, "other": True})
+
+
+# -- hyperparameter checks ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: jo.rmsprop8bit(-1e-3, momentum=0.9), "learning_rate"),
+    (lambda: jo.lamb8bit(1e-3, weight_decay=-0.1), "weight_decay"),
+    (lambda: jo.lars8bit(1e-3, weight_decay=-0.1), "weight_decay"),
+    (lambda: jo.adam8bit(1e-3, b1=optax.constant_schedule(0.9)), "b1 .*inject_hyperparams"),
+    (lambda: jo.lion8bit(1e-3, b2=lambda count: 0.99), "b2 .*inject_hyperparams"),
+    (lambda: jo.sgd8bit(1e-3, momentum=lambda count: 0.9), "momentum .*inject_hyperparams"),
+    (lambda: jo.rmsprop8bit(1e-3, decay=lambda count: 0.9), "decay .*inject_hyperparams"),
+])
+def test_bad_hyperparameters_of_chained_aliases_and_schedules_rejected(make, match):
+  """Refused when the optimizer is built, naming the argument (negative values went through the
+  chained aliases; a schedule where Optax takes a number failed at the first update with
+  ``unsupported operand type(s) for -: 'float' and 'function'``)."""
+  with pytest.raises((ValueError, TypeError), match=match):
+    make()

@@ -77,6 +77,7 @@ def rmsprop8bit(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sq
   if momentum is None:
     return _transforms._rms_like(decay, eps, initial_scale, eps_in_sqrt, bias_correction,
                                  options, learning_rate=learning_rate)
+  _check_lr(learning_rate)
   return optax.chain(
       _transforms.scale_by_rmsprop_8bit(decay, eps, initial_scale, eps_in_sqrt, bias_correction,
                                         **options),
@@ -105,6 +106,7 @@ def lamb8bit(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_dec
              **options: Any) -> optax.GradientTransformationExtraArgs:
   """``optax.lamb`` (Adam moments in 8 bits, then weight decay, trust ratio, learning rate)."""
   _check_lr(learning_rate)
+  _config.check_nonnegative("weight_decay", weight_decay)
   return optax.chain(
       _transforms.scale_by_adam_8bit(b1, b2, eps, eps_root, **options),
       optax.add_decayed_weights(weight_decay, mask),
@@ -118,6 +120,7 @@ def lars8bit(learning_rate, weight_decay=0.0, weight_decay_mask=True, trust_coef
              **options: Any) -> optax.GradientTransformationExtraArgs:
   """``optax.lars`` (weight decay, trust ratio, learning rate, then an 8-bit momentum)."""
   _check_lr(learning_rate)
+  _config.check_nonnegative("weight_decay", weight_decay)
   return optax.chain(
       optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
       optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps),

@@ -48,11 +48,14 @@ def check_nonnegative(name: str, value: Any) -> None:
 
 
 def check_beta(name: str, value: Any, *, allow_zero: bool = True) -> None:
-  """Require ``0 <= value < 1`` (``0 < value < 1`` without ``allow_zero``) when known."""
+  """Require ``0 <= value < 1`` (``0 < value < 1`` without ``allow_zero``) when known; a traced
+  value (``optax.inject_hyperparams``) passes, a schedule is refused (use inject_hyperparams)."""
   v = concrete_value(value)
   if v is None:
-    if not callable(value) and not isinstance(value, jax.core.Tracer):
-      raise TypeError(f"{name} must be a number in [0, 1), got {type(value).__name__}")
+    if not isinstance(value, jax.core.Tracer):
+      hint = (" (a schedule is not accepted here; wrap the optimizer in "
+              "optax.inject_hyperparams to change it during training)" if callable(value) else "")
+      raise TypeError(f"{name} must be a number in [0, 1), got {type(value).__name__}{hint}")
     return
   low_ok = v >= 0 if allow_zero else v > 0
   if not (low_ok and v < 1):
