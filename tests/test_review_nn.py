@@ -43,3 +43,128 @@ def test_linen_attend_promotes_query_like_nn_embed(bits):
   assert layer.apply(lvars, jnp.ones((2, 64), jnp.bfloat16),
                      method="attend").dtype == jnp.bfloat16
   assert layer.apply(lvars, ids).dtype == jnp.bfloat16  # the lookup keeps the table's dtype
+
+
+class _Block(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(64, 64, rngs=rngs)
+
+  def __call__(self, x):
+    return x + jnp.tanh(self.lin(x))
+
+
+class _ScannedLM(nnx.Module):
+  """Scan over layers: three blocks built with nnx.vmap (kernels (3, 64, 64)), a 2-D head."""
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return _Block(rngs)
+
+    self.blocks = make(rngs)
+    self.head = nnx.Linear(64, 8, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def step(block, x):
+      return block(x)
+
+    return self.head(step(self.blocks, x))
+
+
+def test_lora_on_scanned_layers():
+  """add_lora('all-linear') on a model whose layers are stacked by nnx.vmap and run by
+  nnx.scan: stacked adapters that the scan slices (it crashed inside lax.scan), trainable
+  and mergeable; dropout on such a layer is refused before anything is changed."""
+  x = jax.random.normal(jax.random.key(1), (2, 64))
+  model = _ScannedLM(nnx.Rngs(0))
+  fwd = nnx.jit(lambda m: m(x))
+  with pytest.raises(ValueError, match="blocks.lin.*dropout=0.0"):
+    jqnn.add_lora(model, jqnn.LoraConfig(r=4, dropout=0.1))
+  assert not jqnn.lora_modules(model)  # nothing was wrapped
+  y0 = fwd(model)
+  jqnn.add_lora(model, jqnn.LoraConfig(r=4, alpha=8))
+  lora = model.blocks.lin
+  assert lora.lora_a.shape == (3, 64, 4) and lora.lora_b.shape == (3, 4, 64)
+  bound = 1 / np.sqrt(64)  # PEFT's kaiming-uniform bound, per layer
+  assert 0.8 * bound < float(jnp.abs(lora.lora_a[...]).max()) <= bound
+  np.testing.assert_array_equal(fwd(model), y0)
+  lora.lora_b.set_value(0.05 * jax.random.normal(jax.random.key(2), (3, 4, 64)))
+  grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2),
+                           argnums=nnx.DiffState(0, jqnn.lora_filter)))(model)
+  assert grads["blocks"]["lin"]["lora_a"].shape == (3, 64, 4)
+  assert all(float(jnp.abs(g).max()) > 0 for g in grads["blocks"]["lin"]["lora_a"][...])
+  # reference: the scan unrolled by hand, adapter of layer i on layer i
+  k, b = model.blocks.lin.base.kernel[...], model.blocks.lin.base.bias[...]
+  a, bb = lora.lora_a[...], lora.lora_b[...]
+  h = x
+  for i in range(3):
+    h = h + jnp.tanh(h @ k[i] + b[i][None] + (h @ a[i]) @ bb[i] * 2.0)
+  y = fwd(model)
+  np.testing.assert_allclose(y, model.head(h), rtol=1e-5, atol=1e-5)
+  jqnn.merge_lora(model)
+  assert type(model.blocks.lin) is nnx.Linear
+  np.testing.assert_allclose(fwd(model), y, rtol=1e-5, atol=1e-5)
+
+
+class _Block(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(64, 64, rngs=rngs)
+
+  def __call__(self, x):
+    return x + jnp.tanh(self.lin(x))
+
+
+class _ScannedLM(nnx.Module):
+  """Scan over layers: three blocks built with nnx.vmap (kernels (3, 64, 64)), a 2-D head."""
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return _Block(rngs)
+
+    self.blocks = make(rngs)
+    self.head = nnx.Linear(64, 8, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def step(block, x):
+      return block(x)
+
+    return self.head(step(self.blocks, x))
+
+
+def test_lora_on_scanned_layers():
+  """add_lora('all-linear') on a model whose layers are stacked by nnx.vmap and run by
+  nnx.scan: stacked adapters that the scan slices (it crashed inside lax.scan), trainable
+  and mergeable; dropout on such a layer is refused before anything is changed."""
+  x = jax.random.normal(jax.random.key(1), (2, 64))
+  model = _ScannedLM(nnx.Rngs(0))
+  fwd = nnx.jit(lambda m: m(x))
+  with pytest.raises(ValueError, match="blocks.lin.*dropout=0.0"):
+    jqnn.add_lora(model, jqnn.LoraConfig(r=4, dropout=0.1))
+  assert not jqnn.lora_modules(model)  # nothing was wrapped
+  y0 = fwd(model)
+  jqnn.add_lora(model, jqnn.LoraConfig(r=4, alpha=8))
+  lora = model.blocks.lin
+  assert lora.lora_a.shape == (3, 64, 4) and lora.lora_b.shape == (3, 4, 64)
+  bound = 1 / np.sqrt(64)  # PEFT's kaiming-uniform bound, per layer
+  assert 0.8 * bound < float(jnp.abs(lora.lora_a[...]).max()) <= bound
+  np.testing.assert_array_equal(fwd(model), y0)
+  lora.lora_b.set_value(0.05 * jax.random.normal(jax.random.key(2), (3, 4, 64)))
+  grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2),
+                           argnums=nnx.DiffState(0, jqnn.lora_filter)))(model)
+  assert all(float(jnp.abs(g).max()) > 0 for g in grads["blocks"]["lin"]["lora_a"][...])
+  # reference: the scan unrolled by hand, adapter of layer i on layer i
+  k, b = model.blocks.lin.base.kernel[...], model.blocks.lin.base.bias[...]
+  a, bb = lora.lora_a[...], lora.lora_b[...]
+  h = x
+  for i in range(3):
+    h = h + jnp.tanh(h @ k[i] + b[i][None] + (h @ a[i]) @ bb[i] * 2.0)
+  y = fwd(model)
+  np.testing.assert_allclose(y, model.head(h), rtol=1e-5, atol=1e-5)
+  jqnn.merge_lora(model)
+  assert type(model.blocks.lin) is nnx.Linear
+  np.testing.assert_allclose(fwd(model), y, rtol=1e-5, atol=1e-5)

@@ -27,10 +27,17 @@ LORA_EMBED_A_INIT = nnx.initializers.normal(1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype", "embed"))
-def init_lora_a(key: jax.Array, shape: tuple[int, int], dtype: Any, embed: bool) -> jax.Array:
-  """``lora_a`` of ``shape``: PEFT's kaiming-uniform (bound ``1/sqrt(in)``) for a linear
-  layer, a standard normal for an embedding. One compiled program per shape."""
-  return (LORA_EMBED_A_INIT if embed else LORA_A_INIT)(key, shape, dtype)
+def init_lora_a(key: jax.Array, shape: tuple[int, ...], dtype: Any, embed: bool) -> jax.Array:
+  """``lora_a`` of ``shape`` (``(..., in, r)``, leading axes for a stacked layer): PEFT's
+  kaiming-uniform (bound ``1/sqrt(in)``) for a linear layer, a standard normal for an
+  embedding. One compiled program per shape."""
+  if embed:
+    return LORA_EMBED_A_INIT(key, shape, dtype)
+  if len(shape) == 2:
+    return LORA_A_INIT(key, shape, dtype)
+  stacked = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                              batch_axis=tuple(range(len(shape) - 2)))
+  return stacked(key, shape, dtype)
 
 
 def _as_rngs(rngs: Any) -> nnx.Rngs:
@@ -47,6 +54,10 @@ class LoraLinear(nnx.Module):
   frozen when quantized); ``lora_a`` ``(in, r)`` and ``lora_b`` ``(r, out)`` are
   ``nnx.LoRAParam`` and ``lora_b`` starts at zero, so wrapping does not change the output.
   The adapter's dropout follows ``model.train()`` / ``model.eval()``.
+
+  A stack of ``nnx.Linear`` layers built with ``nnx.vmap`` (kernel ``(*L, in, out)``, run by
+  ``nnx.scan`` / ``nnx.vmap`` over its leading axes) gets stacked adapters ``(*L, in, r)`` and
+  ``(*L, r, out)``, which the same transform slices; such a layer takes no dropout.
 
   Call: as ``base`` (extra arguments such as ``out_sharding`` go to it); the update is
   computed in ``dtype`` (default ``param_dtype``) and added in the base's output dtype.
@@ -65,13 +76,18 @@ class LoraLinear(nnx.Module):
     self.alpha = float(alpha)
     self.scaling = self.alpha / self.r
     self.dtype = None if dtype is None else jnp.dtype(dtype)
-    self.lora_a = nnx.LoRAParam(init_lora_a(rngs.params(), (self.in_features, self.r),
+    lead = stacked_axes(base)
+    if lead and dropout > 0:
+      raise ValueError(f"dropout={dropout} cannot apply to a stacked layer (kernel of shape "
+                       f"{tuple(base.kernel.shape)}, built with nnx.vmap): its dropout rng "
+                       "would not be split over the layers; use dropout=0.0")
+    self.lora_a = nnx.LoRAParam(init_lora_a(rngs.params(), (*lead, self.in_features, self.r),
                                             jnp.dtype(param_dtype), False))
-    self.lora_b = nnx.LoRAParam(jnp.zeros((self.r, self.out_features), param_dtype))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, self.r, self.out_features), param_dtype))
     self.lora_dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else nnx.data(None)
 
   def delta_kernel(self) -> jax.Array:
-    """The adapter's update of the Flax kernel, ``(in, out)`` float32."""
+    """The adapter's update of the Flax kernel, ``(*L, in, out)`` float32."""
     a = self.lora_a[...].astype(jnp.float32)
     b = self.lora_b[...].astype(jnp.float32)
     return (a @ b) * jnp.float32(self.scaling)
@@ -86,6 +102,15 @@ class LoraLinear(nnx.Module):
       return y + (d * jnp.asarray(self.scaling, cdt)).astype(y.dtype)
 
 
+def stacked_axes(base: Any) -> tuple[int, ...]:
+  """The leading (layer) axes of a float base built with ``nnx.vmap``; ``()`` otherwise."""
+  if isinstance(base, nnx.Linear):
+    return tuple(base.kernel.shape[:-2])
+  if isinstance(base, nnx.Embed):
+    return tuple(base.embedding.shape[:-2])
+  return ()
+
+
 class LoraEmbed(nnx.Module):
   """An embedding plus a low-rank trainable update of its table:
   ``table + lora_a @ lora_b * (alpha / r)`` with ``lora_a`` ``(num, r)`` (normal init) and
@@ -96,6 +121,11 @@ class LoraEmbed(nnx.Module):
     if not isinstance(base, EMBED_TYPES):
       raise TypeError(f"base must be one of {tuple(t.__name__ for t in EMBED_TYPES)}, got "
                       f"{type(base).__name__}")
+    if stacked_axes(base):
+      raise ValueError(f"base is a stack of embeddings (table of shape "
+                       f"{tuple(base.embedding.shape)}, built with nnx.vmap); LoRA adapters "
+                       "take a 2-D (num_embeddings, features) table; leave it out of "
+                       "target_modules")
     rngs = _as_rngs(rngs)
     self.base = base
     self.num_embeddings = int(base.num_embeddings)
@@ -136,6 +166,8 @@ def add_lora(model: Any, config: LoraConfig, *, rngs: Any = None) -> Any:
 
   NNX: ``nnx.Linear`` / :class:`Linear4bit` / :class:`Linear8bitLt` become
   :class:`LoraLinear`, embeddings named in ``target_modules`` become :class:`LoraEmbed`.
+  A stack of ``nnx.Linear`` built with ``nnx.vmap`` (scan over layers) gets stacked
+  adapters (without dropout).
   Train the adapters alone with ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``.
   Linen variables (a dict with ``"params"``) are handled by
   :func:`jaxquant.nn.add_lora` too: see :mod:`jaxquant.nn._linen_lora`.
@@ -150,7 +182,8 @@ def add_lora(model: Any, config: LoraConfig, *, rngs: Any = None) -> Any:
 
   Raises:
     ValueError: a ``target_modules`` entry matches no layer that can take an adapter (the
-      message lists the ones that can), or the model already has adapters.
+      message lists the ones that can), the model already has adapters, or a targeted
+      stacked layer is an embedding or would need dropout.
   """
   if not isinstance(config, LoraConfig):
     raise TypeError(f"config must be a jaxquant.nn.LoraConfig, got {type(config).__name__}")
@@ -158,15 +191,24 @@ def add_lora(model: Any, config: LoraConfig, *, rngs: Any = None) -> Any:
     from jaxquant.nn import _linen_lora
     return _linen_lora.add_lora(model, config, rng=rngs)
   rngs = _as_rngs(rngs)
-  candidates = []
+  candidates, stacked = [], {}
   for name, module in iter_modules(model):
     if isinstance(module, (LoraLinear, LoraEmbed)):
       raise ValueError(f"the model already has LoRA adapters (at '{name}'); call "
                        "jaxquant.nn.merge_lora first or load adapters with load_lora")
     if isinstance(module, LINEAR_TYPES + EMBED_TYPES):
       candidates.append((name, isinstance(module, LINEAR_TYPES)))
+      if stacked_axes(module):
+        stacked[name] = isinstance(module, LINEAR_TYPES)
   check_targets(config, candidates)
   selected = {name for name, linear in candidates if config.targets(name, linear=linear)}
+  # refuse before any layer is wrapped: stacked (nnx.vmap) layers take dropout-free adapters
+  # on linear layers only
+  bad = sorted(n for n in selected & set(stacked) if config.dropout > 0 or not stacked[n])
+  if bad:
+    raise ValueError(f"layers {bad} are stacks built with nnx.vmap (a weight with leading layer "
+                     "axes); they take LoRA adapters only if linear and with dropout=0.0, got "
+                     f"dropout={config.dropout}; change the dropout or target_modules")
 
   def wrap(name: str, module: Any) -> Any:
     if name not in selected:
