@@ -106,3 +106,27 @@ def test_lora_on_scanned_layers():
   jqnn.merge_lora(model)
   assert type(model.blocks.lin) is nnx.Linear
   np.testing.assert_allclose(fwd(model), y, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_mask_recipe_freezes_everything_else():
+  """lora_mask's documented recipe: over all Params, only the adapters move (optax.masked
+  alone, the recipe it gave before, passes the raw gradient to the frozen biases)."""
+  model = nnx.Sequential(nnx.Linear(64, 64, rngs=nnx.Rngs(0)), nnx.Linear(64, 8,
+                                                                         rngs=nnx.Rngs(1)))
+  jqnn.quantize_model(model, jqnn.QuantConfig(load_in_4bit=True))
+  jqnn.add_lora(model, jqnn.LoraConfig(r=4))
+  tx = optax.multi_transform({True: optax.adam(1e-2), False: optax.set_to_zero()},
+                             jqnn.lora_mask)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  frozen = jax.tree.map(np.asarray, nnx.state(model, nnx.Not(nnx.LoRAParam)))
+  x = jnp.ones((2, 64))
+  for _ in range(2):
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+  assert _leaves_equal(nnx.state(model, nnx.Not(nnx.LoRAParam)), frozen)
+  assert float(jnp.abs(model.layers[1].lora_b[...]).max()) > 0
+
+
+def _leaves_equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                  strict=True))

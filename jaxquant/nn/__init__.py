@@ -9,8 +9,9 @@ Conversion: :func:`quantize_model` with a :class:`QuantConfig` (NNX models in pl
 variables, applied to the unchanged module with :func:`quantized_apply`).
 
 LoRA: :func:`add_lora` with a :class:`LoraConfig`; train only the adapters with
-``nnx.Optimizer(model, tx, wrt=jaxquant.nn.lora_filter)`` or ``optax.masked(tx,
-jaxquant.nn.lora_mask)``; :func:`merge_lora`, :func:`save_lora`, :func:`load_lora`.
+``nnx.Optimizer(model, tx, wrt=jaxquant.nn.lora_filter)`` or ``optax.multi_transform({True:
+tx, False: optax.set_to_zero()}, jaxquant.nn.lora_mask)``; :func:`merge_lora`,
+:func:`save_lora`, :func:`load_lora`.
 """
 
 from flax.nnx import LoRAParam as LoraParam

@@ -64,15 +64,20 @@ def is_lora_path(path: tuple[Any, ...]) -> bool:
 
 
 def lora_mask(tree: Any) -> Any:
-  """Boolean pytree, True on LoRA adapter leaves: the mask for ``optax.masked`` (or
-  ``optax.multi_transform`` labels via ``jax.tree.map``).
+  """Boolean pytree, True on LoRA adapter leaves: labels for ``optax.multi_transform`` (or
+  the mask of ``optax.masked``).
 
   Works on an NNX ``State`` (``nnx.LoRAParam`` leaves) and on Linen variables or grads
   (leaves named ``lora_a`` / ``lora_b``, i.e. the ``"lora"`` collection).
 
+  ``optax.masked(tx, lora_mask)`` alone does **not** freeze the rest: optax passes the
+  masked-out gradients through unchanged, so ``apply_updates`` would add the raw gradient
+  to every other parameter. Send them to ``optax.set_to_zero()`` instead.
+
   Example::
 
-    tx = optax.masked(optax.adamw(1e-4), jaxquant.nn.lora_mask)
+    tx = optax.multi_transform({True: optax.adamw(1e-4), False: optax.set_to_zero()},
+                               jaxquant.nn.lora_mask)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)   # only LoRA params move
   """
   def is_var(x):
