@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import jax
 import numpy as np
 
-from jaxquant.checkpoint._tree import QS_FIELDS, Entry, is_quant_state
+from jaxquant.checkpoint._tree import QS_FIELDS, Entry, is_quant_state, key_data
 
 __all__ = ["array_names", "crc32", "checksums", "verify"]
 
@@ -30,9 +30,10 @@ def array_names(entry: Entry) -> list[tuple[str, str | None]]:
 
 def crc32(x: Any) -> int | None:
   """CRC-32 of the bytes of ``x`` (C order); ``None`` for an array this host cannot see
-  whole."""
+  whole. A PRNG key array's raw data is checked."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return None
+  x = key_data(x)
   a = np.ascontiguousarray(np.asarray(x))
   return zlib.crc32(a.reshape(-1).view(np.uint8))
 

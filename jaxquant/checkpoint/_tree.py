@@ -10,8 +10,11 @@ checkpoint here is
   QuantState becomes a dict of its array fields. Keys are escaped so that no key contains a
   ``.`` (Orbax joins keys with dots into parameter names, so ``{"a.b": x}`` and
   ``{"a": {"b": y}}`` would otherwise overwrite each other).
-- ``jaxquant``: JSON describing every entry: kind (array, python scalar, QuantState), shape,
-  dtype, and for a QuantState its static metadata and the shape and dtype of each array.
+- ``jaxquant``: JSON describing every entry: kind (array, python scalar, QuantState, PRNG key
+  array), shape, dtype, and for a QuantState its static metadata and the shape and dtype of
+  each array. A typed PRNG key array (``jax.random.key``, e.g. the RNG streams in
+  ``nnx.state`` of a model with dropout) is stored as its ``jax.random.key_data`` with its
+  implementation and rewrapped on restore.
 
 Restoring validates the checkpoint's description against the target before any array is read
 and refuses every mismatch with an error naming the entry.
@@ -96,6 +99,24 @@ def _is_arraylike(x: Any) -> bool:
   return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
+def is_key_array(x: Any) -> bool:
+  """A typed PRNG key array (or its ShapeDtypeStruct): dtype ``key<...>``."""
+  return _is_arraylike(x) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def key_data(x: Any) -> Any:
+  """The raw ``uint32`` data of a key array; other values unchanged."""
+  return jax.random.key_data(x) if is_key_array(x) else x
+
+
+def _key_info(x: Any) -> dict[str, Any]:
+  data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  info = {"kind": "key", "key_dtype": str(x.dtype), **_array_info(data)}
+  if isinstance(x, jax.Array):
+    info["impl"] = str(jax.random.key_impl(x))
+  return info
+
+
 def describe(entry: Entry) -> dict[str, Any]:
   """The JSON description of one entry (what restore validates against)."""
   v = entry.value
@@ -121,6 +142,8 @@ def describe(entry: Entry) -> dict[str, Any]:
   if isinstance(v, SCALAR_TYPES) or isinstance(v, np.generic):
     py = type(v.item()) if isinstance(v, np.generic) else type(v)
     return {"kind": "scalar", "type": py.__name__, **_array_info(np.asarray(v))}
+  if is_key_array(v):
+    return _key_info(v)
   if _is_arraylike(v):
     return {"kind": "array", **_array_info(v)}
   raise TypeError(f"entry {entry.name!r} is a {type(v).__name__}; a checkpoint holds arrays, "
@@ -163,7 +186,7 @@ def storable(entry: Entry, convert: Callable[[Any], Any]) -> Any:
     return {f: convert(getattr(v, f)) for f in QS_FIELDS if getattr(v, f) is not None}
   if isinstance(v, SCALAR_TYPES) or isinstance(v, np.generic):
     return np.asarray(v)
-  return convert(v)
+  return convert(key_data(v))
 
 
 def rebuild(info: dict[str, Any], arrays: Any) -> Any:
@@ -176,6 +199,8 @@ def rebuild(info: dict[str, Any], arrays: Any) -> Any:
   if info["kind"] == "scalar":
     py = {"bool": bool, "int": int, "float": float}[info["type"]]
     return py(np.asarray(arrays).item())
+  if info["kind"] == "key":
+    return jax.random.wrap_key_data(arrays, impl=info["impl"])
   return arrays
 
 

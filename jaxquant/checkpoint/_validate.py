@@ -31,6 +31,8 @@ def fmt(info: dict[str, Any]) -> str:
             f"dtype={info['dtype']}, blocksize={info['blocksize']}{nested})")
   if info["kind"] == "scalar":
     return f"a Python {info['type']}"
+  if info["kind"] == "key":
+    return f"a PRNG key array of dtype {info['key_dtype']} (data {_fmt_array(info)})"
   return f"an array {_fmt_array(info)}"
 
 
@@ -135,6 +137,9 @@ def _compare(name: str, got: dict[str, Any], want: dict[str, Any], where: str) -
     return
   if got["kind"] == "scalar" and got["type"] != want["type"]:
     raise ValueError(f"{head} is {fmt(got)}, the target has {fmt(want)}")
+  if got["kind"] == "key" and got["key_dtype"] != want["key_dtype"]:
+    raise ValueError(f"{head} is {fmt(got)}, the target has {fmt(want)} (another PRNG "
+                     "implementation)")
   if got["shape"] != want["shape"] or got["dtype"] != want["dtype"]:
     raise ValueError(f"{head} is {_fmt_array(got)}, but the target expects {_fmt_array(want)}; "
                      "Orbax would silently cast or fail deep inside, so the restore is refused "
