@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ __all__ = ["int8_vectorwise_quant", "int8_vectorwise_dequant", "quantize_int8", 
 
 
 def _check_threshold(threshold: float) -> float:
-  if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
+  if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or threshold < 0:
     raise ValueError(f"threshold must be a float >= 0 (0 disables outliers), got {threshold!r}")
   return float(threshold)
 
@@ -69,7 +70,8 @@ def quantize_int8(w: ArrayLike) -> QuantState:
   _validate.check_array("w", w, ndim=2)
   _validate.check_finite("w", w)
   if _validate.is_concrete(w):
-    big = float(jnp.max(jnp.abs(w.astype(jnp.float32))))
+    with jax.ensure_compile_time_eval():  # a constant under an outer jit: still a number
+      big = float(jnp.max(jnp.abs(w.astype(jnp.float32))))
     if big > 65504.0:
       raise ValueError(f"w has |values| up to {big}, beyond float16's range (65504) that "
                        "LLM.int8() weights are quantized from")

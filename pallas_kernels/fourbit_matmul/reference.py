@@ -41,9 +41,8 @@ def dequantize_absmax(absmax: jax.Array, nested: NestedAbsmax | None) -> jax.Arr
   """The float32 absmax, flat ``(n_blocks,)``: ``absmax`` itself or its double-quant decode."""
   if nested is None:
     return absmax.reshape(-1).astype(jnp.float32)
-  values = blockwise.dequantize_8bit(absmax, nested.nested_absmax, nested.nested_code,
-                                     blocksize=nested.blocksize, dtype=jnp.float32)
-  return values + nested.offset.astype(jnp.float32)
+  return blockwise.decode_nested_absmax(absmax, nested.nested_absmax, nested.nested_code,
+                                        nested.offset, nested_blocksize=nested.blocksize)
 
 
 def dequantize_weight(packed, absmax, code, *, shape: tuple[int, int], blocksize: int,
