@@ -100,22 +100,38 @@ def eval_loss(model, data: np.ndarray, seq: int) -> float:
   return float(np.mean([_eval_loss(model, ids[i:i + 16]) for i in range(0, n, 16)]))
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+  """The flags, all checked here: a bad one stops the run before the base model trains."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--hidden", type=int, default=128)
+  p.add_argument("--hidden", type=int, default=128, help="hidden size, a multiple of 64")
   p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--seq", type=int, default=128, help="tokens (bytes) per sequence")
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--base-steps", type=int, default=150, help="float pre-training steps")
   p.add_argument("--steps", type=int, default=100, help="QLoRA steps")
-  p.add_argument("--rank", type=int, default=8)
-  p.add_argument("--lr", type=float, default=2e-3)
-  p.add_argument("--device", "--platform", dest="device", default=None)
-  p.add_argument("--out", default="qlora_llama_out")
+  p.add_argument("--rank", type=int, default=8, help="LoRA rank r (alpha = 2 r)")
+  p.add_argument("--lr", type=float, default=2e-3, help="8-bit AdamW learning rate")
+  p.add_argument("--device", "--platform", dest="device", default=None,
+                 help="JAX platform: cpu, gpu, tpu (default: JAX's choice)")
+  p.add_argument("--out", default="qlora_llama_out", help="where the adapter is saved")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
-  if args.hidden % 64:
-    p.error(f"--hidden must be a multiple of 64 (NF4 blocks of 64), got {args.hidden}")
+  if args.hidden < 64 or args.hidden % 64:
+    p.error(f"--hidden must be a positive multiple of 64 (NF4 blocks of 64), got {args.hidden}")
+  for name, low in (("layers", 1), ("seq", 2), ("batch_size", 1), ("base_steps", 0),
+                    ("steps", 0), ("rank", 1)):
+    if getattr(args, name) < low:
+      p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+  if not args.lr > 0:
+    p.error(f"--lr must be > 0, got {args.lr}")
+  shortest = min(len(english_bytes()), int(0.1 * len(python_bytes())))
+  if args.seq >= shortest:
+    p.error(f"--seq must be < {shortest} (the held-out text's length in bytes), got {args.seq}")
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
   if args.device:
     jax.config.update("jax_platforms", args.device)
   cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=2 * args.hidden,

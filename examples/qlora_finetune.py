@@ -56,8 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   for name in ("rank", "steps", "batch_size"):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-  if not args.lr > 0:
-    p.error(f"--lr must be > 0, got {args.lr}")
+  for name in ("lr", "alpha"):
+    if not getattr(args, name) > 0:
+      p.error(f"--{name} must be > 0, got {getattr(args, name)}")
+  if not pathlib.Path(args.data).is_file():
+    p.error(f"--data must be a TSV file, got {args.data!r} (not found)")
   return args
 
 

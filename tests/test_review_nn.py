@@ -134,3 +134,30 @@ def test_lora_mask_recipe_freezes_everything_else():
 def _leaves_equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
                                                   strict=True))
+
+
+def _example(name):
+  spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("name,argv,flag", [
+    ("llama_qlora", ["--rank", "0"], "--rank"),
+    ("llama_qlora", ["--lr", "-1"], "--lr"),
+    ("llama_qlora", ["--hidden", "0"], "--hidden"),
+    ("llama_qlora", ["--batch-size", "0"], "--batch-size"),
+    ("llama_qlora", ["--seq", "100000"], "--seq"),
+    ("qlora_finetune", ["--alpha", "0"], "--alpha"),
+    ("qlora_finetune", ["--data", "/nonexistent.tsv"], "--data"),
+])
+def test_examples_refuse_bad_flags_before_any_work(name, argv, flag, capsys):
+  """A bad flag stops the example at parse time with argparse's usage error naming it (the
+  rank or learning rate of llama_qlora was refused only after the float base model had
+  trained, and a bad --seq crashed inside numpy)."""
+  with pytest.raises(SystemExit) as exc:
+    _example(name).parse_args(argv)
+  assert exc.value.code == 2
+  assert flag in capsys.readouterr().err
+  _example(name).parse_args([])  # the defaults are accepted
