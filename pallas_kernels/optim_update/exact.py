@@ -243,26 +243,24 @@ def _apply_sign(idx, bits, y_bits, signed: bool) -> jax.Array:
   return jnp.where(y_bits > 0x7F800000, 0, idx)
 
 
-def xla_encode(x: jax.Array, code: jax.Array, signed: bool) -> jax.Array:
-  """:func:`encode` with XLA gathers (tables as constants, midpoints from ``code``)."""
-  tabs = {k: jnp.asarray(v) for k, v in tables(signed).items()}
+def _xla_callbacks(code: jax.Array, tabs: dict[str, np.ndarray]) -> tuple[Lookup, Midpoint]:
+  """``(lookup, midpoint)`` as XLA gathers from the constant tables and from ``code``."""
+  consts = {k: jnp.asarray(v) for k, v in tabs.items()}
   code = code.astype(jnp.float32)
 
   def midpoint(b, mask):
     del mask
     return (code[b - 1] + code[b]) * jnp.float32(0.5)
 
-  return encode(x, signed, lambda name, i: tabs[name][i], midpoint)
+  return (lambda name, i: consts[name][i]), midpoint
+
+
+def xla_encode(x: jax.Array, code: jax.Array, signed: bool) -> jax.Array:
+  """:func:`encode` with XLA gathers (tables as constants, midpoints from ``code``)."""
+  return encode(x, signed, *_xla_callbacks(code, tables(signed)))
 
 
 def xla_encode_fixed(x: jax.Array, code: jax.Array, signed: bool) -> jax.Array:
   """:func:`encode_fixed` with XLA gathers (every lane decided, no branch)."""
-  tabs = {k: jnp.asarray(v) for k, v in fixed_tables(signed).items()}
-  code = code.astype(jnp.float32)
-
-  def midpoint(b, mask):
-    del mask
-    return (code[b - 1] + code[b]) * jnp.float32(0.5)
-
-  return encode_fixed(x, signed, lambda name, i: tabs[name][i], midpoint,
+  return encode_fixed(x, signed, *_xla_callbacks(code, fixed_tables(signed)),
                       lambda near, exact, candidate: exact())
