@@ -161,3 +161,20 @@ def test_examples_refuse_bad_flags_before_any_work(name, argv, flag, capsys):
   assert exc.value.code == 2
   assert flag in capsys.readouterr().err
   _example(name).parse_args([])  # the defaults are accepted
+
+
+@pytest.mark.parametrize("layer", [jqnn.Linear4bit, jqnn.Linear8bitLt])
+def test_dequantize_keeps_preferred_element_type(layer):
+  """nnx.Linear(dtype=bf16, preferred_element_type=f32) returns float32; its quantized form
+  does, and so must the nnx.Linear that dequantize_model gives back (it returned bf16)."""
+  model = nnx.Sequential(nnx.Linear(64, 8, dtype=jnp.bfloat16,
+                                    preferred_element_type=jnp.float32, rngs=nnx.Rngs(0)))
+  x = jnp.ones((2, 64), jnp.bfloat16)
+  assert model(x).dtype == jnp.float32
+  config = (jqnn.QuantConfig(load_in_4bit=True) if layer is jqnn.Linear4bit
+            else jqnn.QuantConfig(load_in_8bit=True))
+  jqnn.quantize_model(model, config)
+  assert type(model.layers[0]) is layer and model(x).dtype == jnp.float32
+  jqnn.dequantize_model(model)
+  assert type(model.layers[0]) is nnx.Linear and model(x).dtype == jnp.float32
+  assert model.layers[0].preferred_element_type == jnp.float32

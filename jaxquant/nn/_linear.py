@@ -92,9 +92,12 @@ class _QuantLinear(nnx.Module):
   def to_linear(self, kernel: jax.Array) -> nnx.Linear:
     """An ``nnx.Linear`` with this layer's settings and bias and the float ``kernel``
     ``(in_features, out_features)``."""
+    # preferred_element_type sets the output dtype: carry it over (passed only when set)
+    pref = ({} if self.preferred_element_type is None
+            else {"preferred_element_type": self.preferred_element_type})
     linear = nnx.eval_shape(lambda: nnx.Linear(
         self.in_features, self.out_features, use_bias=self.use_bias, dtype=self.dtype,
-        param_dtype=self.param_dtype, precision=self.precision, rngs=nnx.Rngs(0)))
+        param_dtype=self.param_dtype, precision=self.precision, rngs=nnx.Rngs(0), **pref))
     linear.kernel.set_value(jnp.asarray(kernel, self.param_dtype))
     if self.use_bias:
       linear.bias.set_value(self._bias())
