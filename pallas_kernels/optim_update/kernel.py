@@ -16,6 +16,10 @@ absmax per block.
 On an H100 the kernel is bound by instruction issue, not memory: 0.506 ms per 8192^2 AdamW leaf
 against 0.399 ms for a kernel with the same loads and stores and no arithmetic
 (``benchmarks/optim_step.py``): the difference is the decode, update and encode arithmetic.
+Compiled for sm_90, the AdamW program runs 187 instructions per element with the default
+encoder, 58 of them per encoded value; ``KernelConfig(encoder="fixed")`` (``exact.encode_fixed``)
+brings that to 129 (29 per value) in tiles with no value near a midpoint (about 94% of them),
+for the same bytes.
 """
 
 from __future__ import annotations
