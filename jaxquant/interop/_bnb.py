@@ -4,8 +4,8 @@
 ``model.layers.0.mlp.up_proj.weight``):
 
 ===========================================  ================================================
-``W``                                        packed codes, ``uint8 [(n+1)//2, 1]`` (or a
-                                             float16/bfloat16/float32 view of the same bytes)
+``W``                                        packed codes, ``uint8 [(n+1)//2, 1]`` (or an
+                                             int8/float16/bfloat16/float32 view of the bytes)
 ``W.absmax``                                 ``float32 [n_blocks]`` (``uint8`` when nested)
 ``W.quant_map``                              ``float32 [16]``
 ``W.nested_absmax``, ``W.nested_quant_map``  double quantization only
@@ -37,7 +37,8 @@ AUX_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 JSON_KEYS = {"quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype",
              "nested_offset"}
 JSON_DTYPES = ("float16", "bfloat16", "float32")
-STORAGE_DTYPES = ("uint8", "float16", "bfloat16", "float32")
+# bnb's quant_storage: any dtype of its dtype2bytes table (transformers' bnb_4bit_quant_storage).
+STORAGE_DTYPES = ("uint8", "int8", "float16", "bfloat16", "float32")
 WEIGHT_FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}
 
 
@@ -127,6 +128,11 @@ def _need(key: str, a: np.ndarray, count: int, dtypes: tuple[str, ...], what: st
                     f"{list(a.shape)} dtype {np.dtype(a.dtype).name}")
 
 
+def _is_int(v: Any) -> bool:
+  """A JSON integer (not a float such as ``64.0``, not a bool)."""
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
 def decode_blob(key: str, blob: np.ndarray) -> dict[str, Any]:
   """The JSON dict of a quant_state blob, validated."""
   if np.dtype(blob.dtype) != np.uint8 or blob.ndim != 1:
@@ -149,12 +155,12 @@ def decode_blob(key: str, blob: np.ndarray) -> dict[str, Any]:
   for field in ("blocksize", "dtype", "shape"):
     if field not in d:
       raise _err(key, f"the quant_state JSON lacks {field!r}")
-  if d["blocksize"] not in _validate.BLOCKSIZES_4BIT:
+  if not _is_int(d["blocksize"]) or d["blocksize"] not in _validate.BLOCKSIZES_4BIT:
     raise _err(key, f"blocksize must be one of {_validate.BLOCKSIZES_4BIT}, got {d['blocksize']!r}")
   if d["dtype"] not in JSON_DTYPES:
     raise _err(key, f"dtype must be one of {JSON_DTYPES}, got {d['dtype']!r}")
   shape = d["shape"]
-  if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s > 0 for s in shape)):
+  if not (isinstance(shape, list) and shape and all(_is_int(s) and s > 0 for s in shape)):
     raise _err(key, f"shape must be a list of positive ints, got {shape!r}")
   nested = [f for f in ("nested_blocksize", "nested_dtype", "nested_offset") if f in d]
   if nested and len(nested) != 3:
@@ -163,7 +169,7 @@ def decode_blob(key: str, blob: np.ndarray) -> dict[str, Any]:
   if nested:
     if d["nested_dtype"] != "float32":
       raise _err(key, f"nested_dtype must be 'float32', got {d['nested_dtype']!r}")
-    if not isinstance(d["nested_blocksize"], int) or d["nested_blocksize"] <= 0:
+    if not _is_int(d["nested_blocksize"]) or d["nested_blocksize"] <= 0:
       raise _err(key, f"nested_blocksize must be a positive int, got {d['nested_blocksize']!r}")
     if not isinstance(d["nested_offset"], (int, float)) or not math.isfinite(d["nested_offset"]):
       raise _err(key, f"nested_offset must be a finite number, got {d['nested_offset']!r}")
@@ -276,8 +282,13 @@ def state_to_tensors(name: str, state: QuantState, quant_storage: str = "uint8"
   """
   state.check()
   if state.quant_type in FOUR_BIT_TYPES:
-    if quant_storage not in STORAGE_DTYPES:
+    try:  # a name or a dtype (jnp.bfloat16, np.uint8, ...)
+      storage = jnp.dtype(quant_storage).name
+    except TypeError:
+      storage = None
+    if storage not in STORAGE_DTYPES:
       raise ValueError(f"quant_storage must be one of {STORAGE_DTYPES}, got {quant_storage!r}")
+    quant_storage = storage
     data = _np(state.data).reshape(-1)
     item = np.dtype(jnp.dtype(quant_storage)).itemsize
     if data.size % item:

@@ -183,9 +183,9 @@ def save(path: str | os.PathLike, tree: Mapping[str, QuantState | Any], *,
     tree: flat mapping of parameter name to QuantState or array (e.g. from :func:`load`).
     metadata: the header metadata; transformers writes ``{"format": "pt"}`` (the default),
       bitsandbytes' plain ``save_file`` none (pass ``None``).
-    quant_storage: storage dtype of packed 4-bit weights: ``"uint8"`` or a float view
-      (``"float16"``, ``"bfloat16"``, ``"float32"``) of the same bytes, as bnb's
-      ``quant_storage``.
+    quant_storage: storage dtype of packed 4-bit weights (a name or a dtype): ``"uint8"``
+      or a view (``"int8"``, ``"float16"``, ``"bfloat16"``, ``"float32"``) of the same bytes,
+      as bnb's ``quant_storage``.
     max_shard_size: bytes per shard (a parameter's tensors stay in one shard); ``None`` writes
       one file.
 
