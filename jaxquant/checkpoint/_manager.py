@@ -7,6 +7,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from jaxquant.checkpoint import _exit
 from jaxquant.checkpoint._orbax import save_args
 from jaxquant.checkpoint._restore import META, STATE, read_meta, restore_with
 from jaxquant.checkpoint._validate import Shardings
@@ -21,7 +22,8 @@ class CheckpointManager:
   memory and the files are written in the background. A step only becomes visible
   (:meth:`all_steps`, :meth:`latest_step`) once Orbax has finalized it (renamed its temporary
   directory), so a run killed mid-save resumes from the previous step; the leftover temporary
-  directory is removed by the next save of that step.
+  directory is removed by the next save of that step. A program that exits without
+  :meth:`close` still waits for the save in flight.
 
   Args:
     directory: where the steps go (``<directory>/<step>/``); created if missing.
@@ -54,6 +56,8 @@ class CheckpointManager:
         self.directory, options=options,
         item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
                        META: ocp.JsonCheckpointHandler()})
+    if async_save:
+      _exit.finish_at_exit(self)
 
   def save(self, step: int, tree: Any, *, force: bool = False) -> bool:
     """Start saving ``tree`` as ``step``; False when ``save_interval_steps`` skips it.
@@ -106,7 +110,13 @@ class CheckpointManager:
 
   def close(self) -> None:
     """Wait for saves in progress and release the manager's threads."""
-    self._mngr.close()
+    try:
+      self._mngr.close()
+    finally:
+      _exit.finished(self)
+
+  def _finish(self) -> None:
+    self.close()
 
   def __enter__(self) -> "CheckpointManager":
     return self

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxquant.checkpoint import _integrity, _tree, _validate
+from jaxquant.checkpoint import _exit, _integrity, _tree, _validate
 from jaxquant.checkpoint._restore import META, STATE, Reader, read_meta, restore_with
 from jaxquant.checkpoint._validate import Shardings
 
@@ -55,19 +55,28 @@ def _check_finalized(path: str) -> None:
 
 
 class PendingSave:
-  """An asynchronous save in progress; :meth:`wait` blocks until it is on disk (finalized)."""
+  """An asynchronous save in progress; :meth:`wait` blocks until it is on disk (finalized).
+  If the program exits first, the exit waits for it (see ``_exit``)."""
 
   def __init__(self, checkpointer: ocp.AsyncCheckpointer | None, path: str):
     self._checkpointer = checkpointer
     self.path = path
+    if checkpointer is not None:
+      _exit.finish_at_exit(self)
 
   def wait(self) -> str:
     """Block until the checkpoint is committed; returns its path."""
     if self._checkpointer is not None:
-      self._checkpointer.wait_until_finished()
-      self._checkpointer.close()
-      self._checkpointer = None
+      try:
+        self._checkpointer.wait_until_finished()
+        self._checkpointer.close()
+      finally:
+        self._checkpointer = None
+        _exit.finished(self)
     return self.path
+
+  def _finish(self) -> None:
+    self.wait()
 
   def done(self) -> bool:
     """True once :meth:`wait` has returned."""
@@ -91,7 +100,8 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False, block: bool
       new one: a crash in between leaves no checkpoint there, never a mix of the two).
     block: wait until the checkpoint is committed. With ``block=False`` the device arrays are
       copied to host memory before returning and written in a background thread; call
-      ``.wait()`` on the result before relying on the files.
+      ``.wait()`` on the result before relying on the files (the interpreter's exit waits
+      for a save still in flight).
     checksums: record a CRC-32 of every array so that :func:`restore` detects corrupted
       files (costs one host copy and ~0.5 s/GB of CPU at save time).
 
