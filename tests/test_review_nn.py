@@ -178,3 +178,16 @@ def test_dequantize_keeps_preferred_element_type(layer):
   jqnn.dequantize_model(model)
   assert type(model.layers[0]) is nnx.Linear and model(x).dtype == jnp.float32
   assert model.layers[0].preferred_element_type == jnp.float32
+
+
+def test_quantize_model_twice_says_already_quantized():
+  """A second quantize_model call (or one with the other bit width) names the cause."""
+  model = nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0)))
+  jqnn.quantize_model(model, jqnn.QuantConfig(load_in_8bit=True))
+  with pytest.raises(ValueError, match="already quantized.*dequantize_model"):
+    jqnn.quantize_model(model, jqnn.QuantConfig(load_in_4bit=True))
+  dense = nn.Dense(8)
+  variables = dense.init(jax.random.key(0), jnp.ones((1, 64)))
+  qvars = jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True))
+  with pytest.raises(ValueError, match="already quantized.*dequantize_model"):
+    jqnn.quantize_model(qvars, jqnn.QuantConfig(load_in_8bit=True))

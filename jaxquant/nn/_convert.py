@@ -203,10 +203,14 @@ def _quantize_nnx(model: nnx.Module, config: QuantConfig, progress: bool | None)
     else:
       targets[id(module)] = name
   if not targets:
+    done = [n for n, m in iter_modules(model)
+            if isinstance(m, (Linear4bit, Linear8bitLt, Embedding4bit, Embedding8bit))]
     raise ValueError(
         "quantize_model found no layer to convert: the model has no nnx.Linear / nnx.Embed "
         f"outside skip_modules={config.skip_modules!r}"
-        + ("" if config.quantize_embeddings else " (quantize_embeddings=False)"))
+        + ("" if config.quantize_embeddings else " (quantize_embeddings=False)")
+        + (f"; it is already quantized ({len(done)} quantized layers, e.g. '{done[0]}'): "
+           "call jaxquant.nn.dequantize_model first to quantize it again" if done else ""))
   modules = {id(m): m for _, m in iter_modules(model)}
   if config.bits == 4:
     errors = []

@@ -140,8 +140,13 @@ def quantize_variables(variables: Mapping[str, Any], config: QuantConfig,
     else:
       targets.append((path, kind, node))
   if not targets:
+    done = [p for p, _, w in iter_quantized(to_dict(variables.get(QUANT_COLLECTION, {})))
+            if isinstance(w, LinenQuantWeight)]
     raise ValueError("quantize_model found no layer to convert: the params hold no 2-D Dense "
-                     f"kernel or Embed table outside skip_modules={config.skip_modules!r}")
+                     f"kernel or Embed table outside skip_modules={config.skip_modules!r}"
+                     + (f"; the variables are already quantized ({len(done)} layers in "
+                        f"'{QUANT_COLLECTION}'): call jaxquant.nn.dequantize_model first to "
+                        "quantize them again" if done else ""))
   if config.bits == 4:
     errors = []
     for path, kind, node in targets:
