@@ -17,6 +17,7 @@ are intercepted, and only when their variables say so.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Iterator
 
 import jax
@@ -34,6 +35,15 @@ __all__ = ["intercept", "quantized_apply"]
 
 _DENSE = (nn.Dense, Dense4bit, Dense8bitLt)
 _EMBED = (nn.Embed, Embed4bit, Embed8bit)
+# The undecorated methods of these layer classes: a subclass that overrides one (and calls
+# ``super()``) runs its own code, and only the inner call is computed quantized.
+_OWN_METHODS = frozenset(inspect.unwrap(getattr(cls, name)) for cls in _DENSE + _EMBED
+                         for name in ("__call__", "attend", "setup") if hasattr(cls, name))
+
+
+def _own_method(context: Any) -> bool:
+  fn = getattr(context.orig_method, "func", None)  # functools.partial(method, module)
+  return fn is None or fn in _OWN_METHODS
 
 
 def _variable(module: nn.Module, col: str, name: str) -> Any:
@@ -105,6 +115,8 @@ def _interceptor(next_fun, args, kwargs, context):
   module, method = context.module, context.method_name
   if module.scope is None:
     return next_fun(*args, **kwargs)
+  if isinstance(module, _DENSE + _EMBED) and not _own_method(context):
+    return next_fun(*args, **kwargs)  # a subclass's override: its super() call comes back
   if isinstance(module, _DENSE):
     if method != "__call__":
       return next_fun(*args, **kwargs)
