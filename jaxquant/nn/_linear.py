@@ -24,8 +24,8 @@ _SHARDING_KEYS = ("out_sharding", "sharding", "sharding_names")
 
 def _weight_metadata(kernel_metadata: Mapping[str, Any]) -> dict[str, Any]:
   """Metadata for the QuantizedWeight. Sharding annotations describe the float ``(in, out)``
-  kernel, not the state's arrays, so they are kept under ``kernel_sharding`` instead of being
-  applied (``jaxquant.sharding`` maps them onto the state)."""
+  kernel, not the state's arrays, so they are kept under ``kernel_sharding`` (for reference)
+  instead of being applied; ``jaxquant.sharding`` shards the state by its own rules."""
   meta = {k: v for k, v in kernel_metadata.items() if k not in _SHARDING_KEYS}
   for k in _SHARDING_KEYS:
     if k in kernel_metadata:
