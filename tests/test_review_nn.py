@@ -221,3 +221,15 @@ def test_linen_subclass_overrides_still_run():
   qvars = jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True))
   got = jqnn.quantized_apply(model, qvars, ids)
   assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.05
+
+
+@pytest.mark.parametrize("rngs", [nnx.Rngs(3), np.int64(3)], ids=["Rngs", "np.int64"])
+def test_linen_add_lora_takes_the_rngs_nnx_takes(rngs):
+  """add_lora's rngs (documented: nnx.Rngs, a seed or a key) on Linen variables: an
+  nnx.Rngs or a NumPy integer seed failed inside jax.random."""
+  variables = nn.Dense(8).init(jax.random.key(0), jnp.ones((1, 64)))
+  lora = jqnn.add_lora(variables, jqnn.LoraConfig(r=2), rngs=rngs)["lora"]
+  assert lora["adapter"].lora_a.shape == (64, 2)
+  if isinstance(rngs, np.integer):  # the same draw as the int seed
+    same = jqnn.add_lora(variables, jqnn.LoraConfig(r=2), rngs=3)["lora"]
+    np.testing.assert_array_equal(lora["adapter"].lora_a, same["adapter"].lora_a)

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxquant.nn import _common
 from jaxquant.nn._config import LoraConfig, path_to_name
@@ -68,7 +69,8 @@ def _candidates(variables: dict[str, Any]) -> list[tuple[tuple[str, ...], bool, 
 
 def add_lora(variables: Mapping[str, Any], config: LoraConfig, rng: Any = None) -> dict[str, Any]:
   """Linen branch of :func:`jaxquant.nn.add_lora`: a ``"lora"`` collection of
-  :class:`LoraWeights` for the targeted layers. ``rng``: a key or an int seed (default 0)."""
+  :class:`LoraWeights` for the targeted layers. ``rng``: a key, an int seed (default 0) or an
+  ``nnx.Rngs``, as the NNX branch takes."""
   from jaxquant.nn._lora import check_targets, init_lora_a
 
   variables = as_variables(variables)
@@ -77,7 +79,7 @@ def add_lora(variables: Mapping[str, Any], config: LoraConfig, rng: Any = None) 
                      "jaxquant.nn.merge_lora first")
   candidates = _candidates(variables)
   check_targets(config, [(path_to_name(p), linear) for p, linear, _, _ in candidates])
-  key = jax.random.key(rng or 0) if rng is None or isinstance(rng, int) else rng
+  key = _as_key(rng)
   lora: dict[str, Any] = {}
   selected = [c for c in candidates if config.targets(path_to_name(c[0]), linear=c[1])]
   for i, (path, linear, rows, cols) in enumerate(selected):
@@ -88,6 +90,19 @@ def add_lora(variables: Mapping[str, Any], config: LoraConfig, rng: Any = None) 
         a, b, config.scaling, config.dropout if linear else 0.0, config.dtype))
   variables[LORA_COLLECTION] = lora
   return variables
+
+
+def _as_key(rng: Any) -> jax.Array:
+  """A key from ``add_lora``'s ``rngs``: ``None`` (seed 0), an int seed, an ``nnx.Rngs``
+  (its ``params`` stream) or a key."""
+  from flax import nnx
+  if rng is None:
+    return jax.random.key(0)
+  if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+    return jax.random.key(int(rng))
+  if isinstance(rng, nnx.Rngs):
+    return rng.params()
+  return rng
 
 
 def merge_lora(variables: Mapping[str, Any], *, dequantize: bool = False) -> dict[str, Any]:
