@@ -1,8 +1,8 @@
 """QuantState: a quantized tensor as a JAX pytree.
 
 The arrays (packed data, scales, codebooks) are pytree children, so a QuantState goes through
-``jax.jit``, ``jax.grad`` (as a constant), ``jax.device_put`` with a sharding, ``jax.tree.map``
-and Orbax unchanged. Everything else (logical shape, original dtype, blocksize, quant type)
+``jax.jit``, ``jax.grad`` (as a constant), ``jax.device_put`` with a sharding, ``jax.tree.map``,
+Orbax and ``flax.serialization`` (``to_bytes`` / ``from_bytes``) unchanged. Everything else (logical shape, original dtype, blocksize, quant type)
 is static metadata.
 
 Byte layout is bitsandbytes': the tensor is flattened row-major and cut into blocks of
@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
 __all__ = ["QuantState", "QUANT_TYPES", "FOUR_BIT_TYPES"]
 
@@ -175,8 +176,36 @@ class QuantState:
     return f"QuantState({', '.join(parts)})"
 
 
+_ARRAY_FIELDS = ("data", "absmax", "code", "nested_absmax", "nested_code", "offset")
+
 jax.tree_util.register_dataclass(
     QuantState,
-    data_fields=["data", "absmax", "code", "nested_absmax", "nested_code", "offset"],
+    data_fields=list(_ARRAY_FIELDS),
     meta_fields=["shape", "dtype", "blocksize", "quant_type", "nested_blocksize"],
 )
+
+
+def _to_state_dict(state: QuantState) -> dict[str, Any]:
+  """``flax.serialization`` form: the arrays that are present, by field name."""
+  return {f: serialization.to_state_dict(getattr(state, f)) for f in _ARRAY_FIELDS
+          if getattr(state, f) is not None}
+
+
+def _from_state_dict(target: QuantState, state: dict[str, Any]) -> QuantState:
+  """Restore the arrays into ``target`` (whose static metadata they must fit).
+
+  Raises:
+    ValueError: a field present in one of ``target`` and ``state`` but not the other, or
+      arrays that disagree with the target's shape, dtype, blocksize or quant type.
+  """
+  want = {f for f in _ARRAY_FIELDS if getattr(target, f) is not None}
+  if set(state) != want:
+    raise ValueError(f"a serialized {target.quant_type} QuantState of shape {target.shape} must "
+                     f"hold the arrays {sorted(want)}, got {sorted(state)}")
+  restored = target.replace(**{
+      f: serialization.from_state_dict(getattr(target, f), state[f], name=f) for f in want})
+  restored.check()
+  return restored
+
+
+serialization.register_serialization_state(QuantState, _to_state_dict, _from_state_dict)

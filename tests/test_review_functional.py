@@ -46,3 +46,25 @@ def test_matmul_4bit_double_quant_weight_equals_dequantize_under_jit():
   np.testing.assert_array_equal(got, np.asarray(jq.dequantize_4bit(state)))
   g = np.asarray(jax.jit(jax.grad(lambda x: jnp.sum(jq.matmul_4bit(x, state)[:, 3])))(eye[:1]))
   np.testing.assert_array_equal(g[0], np.asarray(jq.dequantize_4bit(state))[3])
+
+
+def test_flax_serialization_round_trip():
+  """flax.serialization.to_bytes / from_bytes (Linen checkpoints) take trees holding
+  QuantStates: the bytes come back into the template's metadata; a template of another
+  layout is refused."""
+  from flax import serialization
+  tree = {"q4": jq.quantize_4bit(W, 32, True, "nf4"), "q8": jq.quantize_int8(W),
+          "b8": jq.quantize_blockwise(W, blocksize=64), "bias": jnp.arange(3.0)}
+  blob = serialization.to_bytes(tree)
+  template = jax.tree.map(jnp.zeros_like, tree)
+  back = serialization.from_bytes(template, blob)
+  for name in ("q4", "q8", "b8"):
+    assert isinstance(back[name], jq.QuantState) and back[name].shape == tree[name].shape
+    for a, b in zip(jax.tree.leaves(back[name]), jax.tree.leaves(tree[name])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(jq.dequantize_4bit(back["q4"])),
+                                np.asarray(jq.dequantize_4bit(tree["q4"])))
+  with pytest.raises(ValueError, match=r"must hold the arrays .*nested_absmax"):
+    serialization.from_bytes({**template, "q4": jq.quantize_4bit(W, 32, False, "nf4")}, blob)
+  with pytest.raises(ValueError, match=r"QuantState.data has shape"):
+    serialization.from_bytes({**template, "q4": jq.quantize_4bit(W[:8], 32, True, "nf4")}, blob)
