@@ -233,3 +233,6 @@ def test_linen_add_lora_takes_the_rngs_nnx_takes(rngs):
   if isinstance(rngs, np.integer):  # the same draw as the int seed
     same = jqnn.add_lora(variables, jqnn.LoraConfig(r=2), rngs=3)["lora"]
     np.testing.assert_array_equal(lora["adapter"].lora_a, same["adapter"].lora_a)
+    model = jqnn.add_lora(nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0))),
+                          jqnn.LoraConfig(r=2), rngs=rngs)  # and on an NNX model
+    assert model.layers[0].lora_a.shape == (8, 2)

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxquant.nn import _common
@@ -43,6 +44,8 @@ def init_lora_a(key: jax.Array, shape: tuple[int, ...], dtype: Any, embed: bool)
 def _as_rngs(rngs: Any) -> nnx.Rngs:
   if isinstance(rngs, nnx.Rngs):
     return rngs
+  if isinstance(rngs, np.integer):  # a NumPy seed (nnx.Rngs takes Python ints only)
+    rngs = int(rngs)
   return nnx.Rngs(params=rngs, dropout=rngs) if rngs is not None else nnx.Rngs(0)
 
 
