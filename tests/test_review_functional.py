@@ -68,3 +68,15 @@ def test_flax_serialization_round_trip():
     serialization.from_bytes({**template, "q4": jq.quantize_4bit(W, 32, False, "nf4")}, blob)
   with pytest.raises(ValueError, match=r"QuantState.data has shape"):
     serialization.from_bytes({**template, "q4": jq.quantize_4bit(W[:8], 32, True, "nf4")}, blob)
+
+
+def test_quantize_blockwise_rejects_an_unsorted_code():
+  """The 8-bit encoder bisects the codebook: an unsorted one gave codes far from the nearest
+  value without a word (max error 1.3 instead of 0.02 here)."""
+  code = np.asarray(jq.codebooks.dynamic_map(True)).copy()
+  shuffled = code[np.random.default_rng(1).permutation(256)]
+  with pytest.raises(ValueError, match=r"code must be sorted ascending and finite .*got code\["):
+    jq.quantize_blockwise(W, code=shuffled, blocksize=64)
+  code[200] = np.nan
+  with pytest.raises(ValueError, match=r"code\[199\]=.* and code\[200\]=nan"):
+    jq.quantize_blockwise(W, code=code, blocksize=64)

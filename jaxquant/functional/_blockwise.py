@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxquant import _dispatch, _validate, codebooks
@@ -21,6 +22,15 @@ def _check_code(code: ArrayLike | None, signed: bool = True) -> jax.Array:
   if tuple(code.shape) != (256,):
     raise ValueError(f"code must have shape (256,) (one value per byte), got {tuple(code.shape)}")
   _validate.check_array("code", code)
+  if _validate.is_concrete(code):  # the encoder's binary search needs ascending finite values
+    values = np.asarray(jax.device_get(code), np.float32)
+    bad = np.flatnonzero(~np.isfinite(values[1:]) | ~np.isfinite(values[:-1])
+                         | (values[1:] < values[:-1]))
+    if bad.size:
+      i = int(bad[0])
+      raise ValueError(f"code must be sorted ascending and finite (quantization searches it "
+                       f"by bisection), got code[{i}]={values[i]} and code[{i + 1}]="
+                       f"{values[i + 1]}")
   return jnp.asarray(code, jnp.float32)
 
 
@@ -30,7 +40,8 @@ def quantize_blockwise(x: ArrayLike, code: ArrayLike | None = None, blocksize: i
 
   Args:
     x: any shape, float32/float16/bfloat16.
-    code: ``(256,)`` sorted codebook in [-1, 1]; default: bitsandbytes' signed dynamic map.
+    code: ``(256,)`` codebook in [-1, 1], sorted ascending (checked outside ``jit``);
+      default: bitsandbytes' signed dynamic map.
     blocksize: elements per block, one of 64, 128, ..., 4096.
     backend: ``None``, ``"auto"``, ``"xla"``, ``"pallas"`` or ``"interpret"``.
 
