@@ -3,6 +3,7 @@ given and what is accepted."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Collection
 
 import jax
@@ -36,6 +37,15 @@ def check_array(name: str, x: Any, *, dtypes: Collection[Any] = FLOAT_DTYPES,
 def check_choice(name: str, value: Any, accepted: Collection[Any]) -> None:
   if value not in accepted:
     raise ValueError(f"{name} must be one of {tuple(accepted)}, got {value!r}")
+
+
+def check_blocksize(blocksize: Any, accepted: Collection[int], name: str = "blocksize") -> int:
+  """Require an integer (Python or NumPy, not a bool or a float such as ``64.0``) in
+  ``accepted``; returns it as a Python int."""
+  if (isinstance(blocksize, (bool, np.bool_)) or not isinstance(blocksize, numbers.Integral)
+      or blocksize not in accepted):
+    raise ValueError(f"{name} must be one of {tuple(accepted)}, got {blocksize!r}")
+  return int(blocksize)
 
 
 def check_dtype_arg(name: str, dtype: Any) -> jnp.dtype:

@@ -80,3 +80,19 @@ def test_quantize_blockwise_rejects_an_unsorted_code():
   code[200] = np.nan
   with pytest.raises(ValueError, match=r"code\[199\]=.* and code\[200\]=nan"):
     jq.quantize_blockwise(W, code=code, blocksize=64)
+
+
+@pytest.mark.parametrize("quantize", [
+    lambda bs: jq.quantize_4bit(W, bs), lambda bs: jq.quantize_blockwise(W, blocksize=bs)],
+    ids=["4bit", "blockwise8"])
+def test_blocksize_must_be_an_integer(quantize):
+  """64.0 compared equal to 64 and passed the check, then failed deep in jnp.pad."""
+  with pytest.raises(ValueError, match=r"blocksize must be one of .*got 64.0"):
+    quantize(64.0)
+  state = quantize(np.int64(64))  # a NumPy integer is fine, stored as a Python int
+  assert type(state.blocksize) is int and state.blocksize == 64
+
+
+def test_compress_statistics_accepts_a_numpy_bool():
+  state = jq.quantize_4bit(W, 64, np.bool_(True), "nf4")
+  assert state.nested and state.nested_blocksize == 256

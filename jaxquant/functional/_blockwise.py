@@ -52,7 +52,7 @@ def quantize_blockwise(x: ArrayLike, code: ArrayLike | None = None, blocksize: i
   """
   x = jnp.asarray(x) if not hasattr(x, "shape") else x
   _validate.check_array("x", x)
-  _validate.check_choice("blocksize", blocksize, _validate.BLOCKSIZES_8BIT)
+  blocksize = _validate.check_blocksize(blocksize, _validate.BLOCKSIZES_8BIT)
   code = _check_code(code)
   _validate.check_finite("x", x)
   shape = tuple(x.shape)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxquant import _dispatch, _validate, codebooks
@@ -45,10 +46,11 @@ def quantize_4bit(x: ArrayLike, blocksize: int = 64, compress_statistics: bool =
   """
   x = jnp.asarray(x) if not hasattr(x, "shape") else x
   _validate.check_array("x", x)
-  _validate.check_choice("blocksize", blocksize, _validate.BLOCKSIZES_4BIT)
+  blocksize = _validate.check_blocksize(blocksize, _validate.BLOCKSIZES_4BIT)
   _validate.check_choice("quant_type", quant_type, FOUR_BIT_TYPES)
-  if not isinstance(compress_statistics, bool):
+  if not isinstance(compress_statistics, (bool, np.bool_)):
     raise TypeError(f"compress_statistics must be a bool, got {compress_statistics!r}")
+  compress_statistics = bool(compress_statistics)
   _validate.check_finite("x", x)
   shape = tuple(x.shape)
   packed, absmax = _dispatch.call("quantize_4bit", backend, x, blocksize=blocksize,
