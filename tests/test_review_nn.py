@@ -236,3 +236,17 @@ def test_linen_add_lora_takes_the_rngs_nnx_takes(rngs):
     model = jqnn.add_lora(nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0))),
                           jqnn.LoraConfig(r=2), rngs=rngs)  # and on an NNX model
     assert model.layers[0].lora_a.shape == (8, 2)
+
+
+def test_quantize_model_names_the_layer_with_bad_weights():
+  """A NaN weight (or, for LLM.int8(), one beyond float16's range) is reported with the
+  layer's path, not just as 'kernel'; Linen variables are not changed."""
+  model = nnx.Sequential(nnx.Linear(64, 64, rngs=nnx.Rngs(0)),
+                         nnx.Linear(64, 8, rngs=nnx.Rngs(1)))
+  model.layers[1].kernel.set_value(model.layers[1].kernel[...].at[0, 0].set(jnp.nan))
+  with pytest.raises(ValueError, match="layer 'layers.1'.*NaN"):
+    jqnn.quantize_model(model, jqnn.QuantConfig(load_in_4bit=True))
+  variables = {"params": {"head": {"kernel": jnp.full((64, 8), 1e6), "bias": jnp.zeros(8)}}}
+  with pytest.raises(ValueError, match="layer 'head'.*float16"):
+    jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True))
+  assert set(variables["params"]["head"]) == {"kernel", "bias"}

@@ -232,7 +232,10 @@ def _quantize_nnx(model: nnx.Module, config: QuantConfig, progress: bool | None)
   def convert(name: str, module: Any) -> Any:
     if id(module) not in targets:
       return module
-    new = _convert_layer(module, config)
+    try:
+      new = _convert_layer(module, config)
+    except ValueError as e:  # e.g. NaN weights: say which layer (the ones before are converted)
+      raise ValueError(f"quantize_model: layer '{name}': {e}") from e
     w = _weight(module)
     reports.append(LayerReport(name, type(new).__name__, tuple(w.shape),
                                w.size * w.dtype.itemsize, new.quant_state.nbytes))

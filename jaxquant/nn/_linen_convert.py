@@ -170,7 +170,10 @@ def quantize_variables(variables: Mapping[str, Any], config: QuantConfig,
     for path, kind, node in targets:
       leaf = "kernel" if kind == "dense" else "embedding"
       w = node[leaf]
-      state = _quantize(w, kind, config)
+      try:
+        state = _quantize(w, kind, config)
+      except ValueError as e:  # e.g. NaN weights: say which layer
+        raise ValueError(f"quantize_model: layer '{path_to_name(path)}': {e}") from e
       threshold = config.llm_int8_threshold if config.bits == 8 else 0.0
       set_path(quantized, (*path, leaf), LinenQuantWeight(state, threshold, config.compute_dtype))
       pop_path(params, (*path, leaf))
