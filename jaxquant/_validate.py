@@ -20,8 +20,9 @@ def _names(dtypes: Collection[Any]) -> str:
 
 
 def check_array(name: str, x: Any, *, dtypes: Collection[Any] = FLOAT_DTYPES,
-                min_ndim: int = 1, ndim: int | None = None) -> None:
-  """Require an array-like ``x`` of one of ``dtypes`` and of the given rank."""
+                min_ndim: int = 1, ndim: int | None = None, allow_empty: bool = False) -> None:
+  """Require an array-like ``x`` of one of ``dtypes`` and of the given rank (and, unless
+  ``allow_empty``, with no zero-length dimension)."""
   if not hasattr(x, "shape") or not hasattr(x, "dtype"):
     raise TypeError(f"{name} must be an array, got {type(x).__name__}")
   if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in dtypes]:
@@ -30,7 +31,7 @@ def check_array(name: str, x: Any, *, dtypes: Collection[Any] = FLOAT_DTYPES,
     raise ValueError(f"{name} must have rank {ndim}, got shape {tuple(x.shape)}")
   if x.ndim < min_ndim:
     raise ValueError(f"{name} must have rank >= {min_ndim}, got shape {tuple(x.shape)}")
-  if 0 in x.shape:
+  if 0 in x.shape and not allow_empty:
     raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
 
 

@@ -96,3 +96,20 @@ def test_blocksize_must_be_an_integer(quantize):
 def test_compress_statistics_accepts_a_numpy_bool():
   state = jq.quantize_4bit(W, 64, np.bool_(True), "nf4")
   assert state.nested and state.nested_blocksize == 256
+
+
+@pytest.mark.parametrize("op", ["matmul_4bit", "int8_linear", "int8_weight_only_linear"])
+def test_linear_ops_take_an_empty_batch(op):
+  """No rows (an MoE expert that got no tokens): an empty ``(..., N)`` result and empty/zero
+  gradients, as ``jnp.dot`` and bitsandbytes' MatMul4Bit / MatMul8bitLt give; it raised
+  'x must not be empty'."""
+  state = jq.quantize_nf4(W) if op == "matmul_4bit" else jq.quantize_int8(W)
+  fn = getattr(jq, op)
+  x = jnp.zeros((2, 0, 64), jnp.bfloat16)
+  bias = jnp.ones((16,), jnp.bfloat16)
+  y = jax.jit(fn)(x, state, bias)
+  assert y.shape == (2, 0, 16) and y.dtype == jnp.bfloat16
+  gx, gb = jax.grad(lambda x, b: jnp.sum(fn(x, state, b).astype(jnp.float32)), (0, 1))(x, bias)
+  assert gx.shape == x.shape and gb.shape == (16,) and not np.asarray(gb, np.float32).any()
+  with pytest.raises(ValueError, match=r"x.shape\[-1\] must equal"):
+    fn(jnp.zeros((0, 63), jnp.float32), state)

@@ -89,7 +89,7 @@ def check_int8_state(state: QuantState) -> None:
 
 
 def check_linear_args(x, state: QuantState, bias) -> None:
-  _validate.check_array("x", x)
+  _validate.check_array("x", x, allow_empty=True)
   if x.shape[-1] != state.shape[1]:
     raise ValueError(f"x.shape[-1] must equal the weight's in_features {state.shape[1]} "
                      f"(weight shape {state.shape}), got x of shape {tuple(x.shape)}")
@@ -114,7 +114,7 @@ def int8_linear(x: ArrayLike, state: QuantState, bias: ArrayLike | None = None,
   epilogue. float16/bfloat16 activations (float32 with ``threshold=0``) take the kernels.
 
   Args:
-    x: ``(..., K)`` float32/float16/bfloat16.
+    x: ``(..., K)`` float32/float16/bfloat16 (an empty batch gives an empty result).
     state: ``quantize_int8(w)`` of a ``(N, K)`` weight.
     bias: ``(N,)`` or None.
     threshold: outlier threshold (``0`` disables the outlier path).
@@ -126,6 +126,8 @@ def int8_linear(x: ArrayLike, state: QuantState, bias: ArrayLike | None = None,
   x = jnp.asarray(x) if not hasattr(x, "shape") else x
   check_int8_state(state)
   check_linear_args(x, state, bias)
+  if x.size == 0:  # no rows: an empty result, as jnp.dot (and bnb's MatMul8bitLt)
+    return jnp.zeros((*x.shape[:-1], state.shape[0]), x.dtype)
   return _int8_linear(x, state, bias, _check_threshold(threshold), backend)
 
 

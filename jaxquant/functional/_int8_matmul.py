@@ -82,6 +82,8 @@ def int8_weight_only_linear(x: ArrayLike, state: QuantState, bias: ArrayLike | N
   x = jnp.asarray(x) if not hasattr(x, "shape") else x
   check_int8_state(state)
   check_linear_args(x, state, bias)
+  if x.size == 0:  # no rows: an empty result, as jnp.dot
+    return jnp.zeros((*x.shape[:-1], state.shape[0]), x.dtype)
   return _weight_only(x, state, bias, backend)
 
 

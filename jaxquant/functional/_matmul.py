@@ -33,7 +33,8 @@ def matmul_4bit(x: ArrayLike, state: QuantState, bias: ArrayLike | None = None, 
   (``dx = dy @ dequant(W)``, through the kernel as well).
 
   Args:
-    x: ``(..., K)`` float32/float16/bfloat16, any leading dims.
+    x: ``(..., K)`` float32/float16/bfloat16, any leading dims (an empty batch gives an
+      empty result).
     state: 4-bit :class:`QuantState` of a ``(N, K)`` weight (torch layout).
     bias: ``(N,)`` or None.
     backend: ``None``, ``"auto"``, ``"xla"``, ``"pallas"`` or ``"interpret"``.
@@ -46,7 +47,7 @@ def matmul_4bit(x: ArrayLike, state: QuantState, bias: ArrayLike | None = None, 
   if state.ndim != 2:
     raise ValueError(f"state must hold a 2-D (out_features, in_features) weight, got shape "
                      f"{state.shape}")
-  _validate.check_array("x", x)
+  _validate.check_array("x", x, allow_empty=True)
   if x.shape[-1] != state.shape[1]:
     raise ValueError(f"x.shape[-1] must equal the weight's in_features {state.shape[1]} "
                      f"(weight shape {state.shape}), got x of shape {tuple(x.shape)}")
@@ -54,6 +55,8 @@ def matmul_4bit(x: ArrayLike, state: QuantState, bias: ArrayLike | None = None, 
     _validate.check_array("bias", bias)
     if tuple(bias.shape) != (state.shape[0],):
       raise ValueError(f"bias must have shape ({state.shape[0]},), got {tuple(bias.shape)}")
+  if x.size == 0:  # no rows (e.g. an expert that got no tokens): as jnp.dot, and bnb
+    return jnp.zeros((*x.shape[:-1], state.shape[0]), x.dtype)
   partitioned = PARTITIONED.get()
   if partitioned is not None:
     return partitioned(x, state, bias, backend)
