@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import jaxquant.optim as jo
+from jaxquant import QuantState
 
 
 def _params():
@@ -151,3 +152,30 @@ def test_bad_hyperparameters_of_chained_aliases_and_schedules_rejected(make, mat
   ``unsupported operand type(s) for -: 'float' and 'function'``)."""
   with pytest.raises((ValueError, TypeError), match=match):
     make()
+
+
+def test_explicit_kernel_backend_with_float32_leaves():
+  """backend="interpret" (or "pallas" on a GPU) forces the fused kernel; a model also has
+  leaves kept in float32 (biases under min_8bit_size, keep_32bit), which have only the XLA
+  update: they must take it (the update raised "backend='interpret' is not available for
+  optim_update_fp32"). Equal to the default backend."""
+  params = {"w": _params()["dec"]["w"][:4], "b": jnp.ones(8)}
+  grads = _grads(params, 0)
+  forced = jo.adamw8bit(1e-2, backend="interpret", min_8bit_size=256)
+  auto = forced.with_options(backend=None)
+  got, state = forced.update(grads, forced.init(params), params)
+  want, _ = auto.update(grads, auto.init(params), params)
+  assert isinstance(state.mu["w"], QuantState) and not isinstance(state.mu["b"], QuantState)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-7)
+
+
+def test_empty_leaf_with_min_8bit_size_zero():
+  """min_8bit_size=0 (bitsandbytes' "everything in 8 bits", as in its tests) with an empty
+  parameter: the fused kernel has no block to run on (it failed deep in the slicing)."""
+  params = {"empty": jnp.zeros((0, 256)), "w": _params()["dec"]["w"]}
+  tx = jo.adamw8bit(1e-2, min_8bit_size=0, backend="interpret")
+  state = tx.init(params)
+  assert isinstance(state.mu["w"], QuantState)
+  updates, state = tx.update(_grads(params, 0), state, params)
+  assert updates["empty"].shape == (0, 256) and state.mu["empty"].shape == (0, 256)

@@ -91,7 +91,8 @@ class Options:
   """How state is stored and computed; the same for every 8-bit transform.
 
   Attributes:
-    min_8bit_size: parameters with fewer elements keep float32 state (bitsandbytes: 4096).
+    min_8bit_size: parameters with fewer elements keep float32 state (bitsandbytes: 4096);
+      empty parameters always do.
     blocksize: elements per absmax block (bitsandbytes' optimizers: 256; the fused kernel
       covers 256 only, other sizes run the reference).
     keep_32bit: leaves whose state stays float32 whatever their size (e.g. an embedding
@@ -166,4 +167,5 @@ def keep_32bit_leaves(options: Options, params: Any) -> list[bool]:
     except (ValueError, TypeError) as e:
       raise ValueError(f"keep_32bit must have the structure of the parameters: {e}") from None
   sizes = [int(np.prod(leaf.shape)) for _, leaf in with_path]
-  return [f or n < options.min_8bit_size for f, n in zip(forced, sizes)]
+  # An empty leaf has nothing to quantize (and no block for the fused kernel to run on).
+  return [f or n < options.min_8bit_size or n == 0 for f, n in zip(forced, sizes)]

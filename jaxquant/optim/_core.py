@@ -24,6 +24,7 @@ import optax
 
 from jaxquant import _dispatch
 from jaxquant.optim import _clipping, _config, _offload, _state
+import pallas_kernels
 from jaxquant.quant_state import QuantState
 from pallas_kernels.optim_update import families
 
@@ -133,6 +134,16 @@ def _wd_leaves(spec: Spec, treedef, params: Any, n: int) -> list[bool]:
                      f"prefix of it (or a callable of the parameters returning one): {e}") from None
 
 
+def _fp32_backend(backend: str | None) -> str | None:
+  """The backend for a leaf kept in float32: an explicit kernel backend ("pallas",
+  "interpret") selects the fused kernel of the 8-bit leaves; float32 leaves have only the XLA
+  update (elementwise, XLA fuses it), so they take that one instead of an error."""
+  if backend in ("pallas", "interpret") and backend not in pallas_kernels.implementations(
+      "optim_update_fp32"):
+    return "xla"
+  return backend
+
+
 def _leaf_update(spec: Spec, g, p, moments, hp, write: str, on_host: bool):
   """One leaf: ``(out, new_moments)``. With ``offload`` the new moments go back to host memory;
   the moments arrive on the device (``on_host=False``, see ``_offload.LeafStream``) or, with
@@ -143,8 +154,8 @@ def _leaf_update(spec: Spec, g, p, moments, hp, write: str, on_host: bool):
   if not _state.is_quant_state(moments[0]):
     if on_host:
       moments = _offload.to_device(moments)
-    out, new = _dispatch.call("optim_update_fp32", opts.backend, g, p, tuple(moments), hp,
-                              **kwargs)
+    out, new = _dispatch.call("optim_update_fp32", _fp32_backend(opts.backend), g, p,
+                              tuple(moments), hp, **kwargs)
     return out, (_offload.to_host(tuple(new)) if opts.offload else tuple(new))
   if opts.kernel_config is not None:
     kwargs["config"] = opts.kernel_config
