@@ -28,9 +28,11 @@ def matmul_4bit(x: ArrayLike, state: QuantState, bias: ArrayLike | None = None, 
   """``x @ W.T + bias`` with a 4-bit weight ``W`` (bitsandbytes' ``matmul_4bit``).
 
   The product is computed in ``x.dtype`` with float32 accumulation: ``W`` is dequantized to
-  ``x.dtype`` (fused into the kernel on the GPU; never materialized in HBM there).
-  Differentiable in ``x`` and ``bias``; the quantized weight is a constant
-  (``dx = dy @ dequant(W)``, through the kernel as well).
+  ``x.dtype``. On the GPU the decode is fused into the matmul kernel for up to a few hundred
+  rows of ``x``; beyond that (and wherever the tuning table found it faster) ``W`` is decoded
+  once into a transient ``(N, K)`` array that XLA's dot consumes, as the reference always does
+  (see :mod:`pallas_kernels.fourbit_matmul`). Differentiable in ``x`` and ``bias``; the
+  quantized weight is a constant (``dx = dy @ dequant(W)``, chosen the same way).
 
   Args:
     x: ``(..., K)`` float32/float16/bfloat16, any leading dims (an empty batch gives an
