@@ -179,3 +179,22 @@ def test_empty_leaf_with_min_8bit_size_zero():
   assert isinstance(state.mu["w"], QuantState)
   updates, state = tx.update(_grads(params, 0), state, params)
   assert updates["empty"].shape == (0, 256) and state.mu["empty"].shape == (0, 256)
+
+
+# -- non-finite gradients ----------------------------------------------------------------------
+
+
+def test_apply_if_finite_skips_a_non_finite_step_bit_for_bit():
+  """The documented recipe for gradients that may overflow: the step with an inf is skipped
+  (8-bit state unchanged, zero update) and training continues as if it never happened."""
+  params = {"w": _params()["dec"]["w"], "b": jnp.zeros(8)}
+  tx = optax.apply_if_finite(jo.adamw8bit(1e-2), max_consecutive_errors=3)
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  _, state = update(_grads(params, 0), state, params)
+  bad = jax.tree.map(lambda g: g.at[0].set(jnp.inf), _grads(params, 1))
+  updates, skipped = update(bad, state, params)
+  assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+  _same(skipped.inner_state, state.inner_state)
+  assert int(skipped.notfinite_count) == 1
+  _same(update(_grads(params, 2), skipped, params)[0], update(_grads(params, 2), state, params)[0])

@@ -10,6 +10,12 @@ An :class:`Optimizer8bit` is an ``optax.GradientTransformationExtraArgs`` (it ch
 partitions and injects hyperparameters like any Optax transform) that also knows how to apply
 itself in the same pass: :func:`update_and_apply` writes the new parameters from the kernel,
 saving the separate ``optax.apply_updates`` pass over parameters and updates.
+
+Non-finite gradients are not skipped (bitsandbytes' 2-state kernel instead zeroes the state of
+such elements and leaves their parameters): as in Optax, the update of a NaN or inf element is
+not finite, and in 8-bit state it also spoils the absmax of its block, so the whole block's
+state stays unusable. Where gradients may overflow (float16 loss scaling), wrap the optimizer in
+``optax.apply_if_finite``, which keeps the previous 8-bit state bit for bit on such a step.
 """
 
 from __future__ import annotations
