@@ -2,8 +2,8 @@
 
 The arrays (packed data, scales, codebooks) are pytree children, so a QuantState goes through
 ``jax.jit``, ``jax.grad`` (as a constant), ``jax.device_put`` with a sharding, ``jax.tree.map``,
-Orbax and ``flax.serialization`` (``to_bytes`` / ``from_bytes``) unchanged. Everything else (logical shape, original dtype, blocksize, quant type)
-is static metadata.
+Orbax and ``flax.serialization`` (``to_bytes`` / ``from_bytes``) unchanged. Everything else
+(logical shape, original dtype, blocksize, quant type) is static metadata.
 
 Byte layout is bitsandbytes': the tensor is flattened row-major and cut into blocks of
 ``blocksize`` consecutive elements; 4-bit codes are packed two per byte, the first element in
