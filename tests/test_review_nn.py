@@ -250,3 +250,28 @@ def test_quantize_model_names_the_layer_with_bad_weights():
   with pytest.raises(ValueError, match="layer 'head'.*float16"):
     jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True))
   assert set(variables["params"]["head"]) == {"kernel", "bias"}
+
+
+class _LinenScanned(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    block = nn.scan(_LinenBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                    length=2)
+    x, _ = block(name="blocks")(x, None)
+    return nn.Dense(8, name="head")(x)
+
+
+class _LinenBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return x + nn.Dense(16)(x), None
+
+
+def test_linen_all_linear_warns_about_scanned_layers(caplog):
+  """'all-linear' on Linen variables cannot reach layers scanned by nn.scan (their scan does
+  not slice a 'lora' collection): say so instead of skipping them silently."""
+  variables = _LinenScanned().init(jax.random.key(0), jnp.ones((1, 16)))
+  with caplog.at_level("WARNING", logger="jaxquant.nn"):
+    lora = jqnn.add_lora(variables, jqnn.LoraConfig(r=2))["lora"]
+  assert set(lora) == {"head"}
+  assert "blocks.Dense_0" in caplog.text and "stacked" in caplog.text

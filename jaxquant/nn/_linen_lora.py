@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Mapping
 
 import jax
@@ -12,13 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.nn import _common
-from jaxquant.nn._config import LoraConfig, path_to_name
+from jaxquant.nn._config import ALL_LINEAR, LoraConfig, path_to_name
 from jaxquant.nn._linen_convert import (PARAMS, LinenQuantWeight, as_variables,
                                         get_path, iter_layers, iter_quantized, pop_path,
                                         set_path, to_dict)
 from jaxquant.nn._linen_layers import QUANT_COLLECTION
 
 __all__ = ["LoraWeights", "LORA_COLLECTION", "ADAPTER", "add_lora", "merge_lora"]
+
+logger = logging.getLogger("jaxquant.nn")
 
 #: The Linen collection holding the adapters; ``variables["lora"]`` is what to train.
 LORA_COLLECTION = "lora"
@@ -79,6 +82,12 @@ def add_lora(variables: Mapping[str, Any], config: LoraConfig, rng: Any = None) 
                      "jaxquant.nn.merge_lora first")
   candidates = _candidates(variables)
   check_targets(config, [(path_to_name(p), linear) for p, linear, _, _ in candidates])
+  stacked = [path_to_name(p) for p, kind, node in iter_layers(variables.get(PARAMS, {}))
+             if kind == "other" and getattr(node["kernel"], "ndim", 0) > 2]
+  if stacked and config.target_modules == ALL_LINEAR:
+    logger.warning("add_lora: %s hold stacked kernels (nn.scan / nn.vmap over layers) and get "
+                   "no adapters: the module's scan would not slice a 'lora' collection",
+                   stacked)
   key = _as_key(rng)
   lora: dict[str, Any] = {}
   selected = [c for c in candidates if config.targets(path_to_name(c[0]), linear=c[1])]
