@@ -1,8 +1,10 @@
 """Backend selection: argument > ``JAXQUANT_BACKEND`` > auto.
 
-``auto`` (and ``None`` with no environment variable) uses ``"pallas"`` when JAX's default
-backend is a CUDA GPU, a Pallas kernel exists for the op and its ``supports()`` predicate holds;
-otherwise ``"xla"`` (the pure-jnp reference). An explicit ``backend="pallas"`` or
+``auto`` (and ``None`` with no environment variable) uses ``"pallas"`` when the op runs on a
+CUDA GPU (the device of its committed array arguments, else ``jax.default_device``, else JAX's
+default backend), a Pallas kernel exists for the op and its ``supports()`` predicate holds;
+otherwise ``"xla"`` (the pure-jnp reference): arrays placed on the host CPU of a GPU machine
+take the reference. An explicit ``backend="pallas"`` or
 ``"interpret"`` for an op without that kernel is an error; the same request through the
 environment variable is a preference and falls back to ``"xla"``, since it applies to all ops
 at once.
@@ -30,6 +32,22 @@ def _on_cuda_gpu() -> bool:
     return False
 
 
+def _platform(args: tuple[Any, ...]) -> str:
+  """Where an op on ``args`` runs: the platform of the first committed concrete array among
+  them, else of ``jax.default_device``, else JAX's default backend."""
+  for a in jax.tree.leaves(args):
+    if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and a.committed:
+      return next(iter(a.devices())).platform
+  default = jax.config.jax_default_device
+  if default is not None:
+    return str(getattr(default, "platform", default))
+  return jax.default_backend()
+
+
+def _runs_on_cuda(args: tuple[Any, ...]) -> bool:
+  return _on_cuda_gpu() and _platform(args) in ("gpu", "cuda")
+
+
 def select(op: str, backend: str | None, *args: Any, **kwargs: Any) -> str:
   """The implementation of ``op`` to run for ``backend`` and these arguments."""
   from_env = backend is None
@@ -42,7 +60,7 @@ def select(op: str, backend: str | None, *args: Any, **kwargs: Any) -> str:
   if backend == "xla":
     return "xla"
   if backend == "auto":
-    if "pallas" in available and _on_cuda_gpu() and pallas_kernels.get(op, "pallas").supports(
+    if "pallas" in available and _runs_on_cuda(args) and pallas_kernels.get(op, "pallas").supports(
         *args, **kwargs):
       return "pallas"
     return "xla"
@@ -56,12 +74,13 @@ def select(op: str, backend: str | None, *args: Any, **kwargs: Any) -> str:
     )
   if not pallas_kernels.get(op, backend).supports(*args, **kwargs):
     return "xla"  # valid input the kernel does not cover: the reference is always right
-  if backend == "pallas" and not _on_cuda_gpu():
+  if backend == "pallas" and not _runs_on_cuda(args):
     if from_env:
       return "xla"
     raise ValueError(
-        f"backend='pallas' needs a CUDA GPU, but JAX's default backend is "
-        f"{jax.default_backend()!r}; use backend='interpret' to run the kernel on this machine"
+        f"backend='pallas' needs a CUDA GPU, but this op runs on {_platform(args)!r} (JAX's "
+        f"default backend is {jax.default_backend()!r}); use backend='interpret' to run the "
+        "kernel there"
     )
   return backend
 
