@@ -275,3 +275,14 @@ def test_linen_all_linear_warns_about_scanned_layers(caplog):
     lora = jqnn.add_lora(variables, jqnn.LoraConfig(r=2))["lora"]
   assert set(lora) == {"head"}
   assert "blocks.Dense_0" in caplog.text and "stacked" in caplog.text
+
+
+def test_quantize_model_says_why_nothing_was_converted():
+  """A scan-over-layers model whose only 2-D layer is skipped: the error names the stacked
+  layers kept in float (it claimed the model had no nnx.Linear at all)."""
+  model = _ScannedLM(nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"'blocks.lin' \(weight of shape \(3, 64, 64\)"):
+    jqnn.quantize_model(model, jqnn.QuantConfig(load_in_4bit=True, skip_modules=("head",)))
+  variables = _LinenScanned().init(jax.random.key(0), jnp.ones((1, 16)))
+  with pytest.raises(ValueError, match=r"'blocks.Dense_0' \(kernel of shape \(2, 16, 16\)"):
+    jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True, skip_modules=("head",)))

@@ -122,6 +122,14 @@ class _NoBar:
     pass
 
 
+def kept_message(skipped: list[tuple[str, str]]) -> str:
+  """``"; kept in floating point: 'a' (reason), ..."`` for the no-layer-to-convert error."""
+  if not skipped:
+    return ""
+  shown = ", ".join(f"'{n}' ({why})" for n, why in skipped[:8])
+  return f"; kept in floating point: {shown}" + (" ..." if len(skipped) > 8 else "")
+
+
 def unused_patterns(config: QuantConfig, names: Iterable[str]) -> tuple[str, ...]:
   from jaxquant.nn._config import matches
   names = list(names)
@@ -210,7 +218,8 @@ def _quantize_nnx(model: nnx.Module, config: QuantConfig, progress: bool | None)
         f"outside skip_modules={config.skip_modules!r}"
         + ("" if config.quantize_embeddings else " (quantize_embeddings=False)")
         + (f"; it is already quantized ({len(done)} quantized layers, e.g. '{done[0]}'): "
-           "call jaxquant.nn.dequantize_model first to quantize it again" if done else ""))
+           "call jaxquant.nn.dequantize_model first to quantize it again" if done else "")
+        + kept_message(skipped))
   modules = {id(m): m for _, m in iter_modules(model)}
   if config.bits == 4:
     errors = []

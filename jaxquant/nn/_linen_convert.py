@@ -146,7 +146,8 @@ def quantize_variables(variables: Mapping[str, Any], config: QuantConfig,
                      f"kernel or Embed table outside skip_modules={config.skip_modules!r}"
                      + (f"; the variables are already quantized ({len(done)} layers in "
                         f"'{QUANT_COLLECTION}'): call jaxquant.nn.dequantize_model first to "
-                        "quantize them again" if done else ""))
+                        "quantize them again" if done else "")
+                     + _convert.kept_message(skipped))
   if config.bits == 4:
     errors = []
     for path, kind, node in targets:
