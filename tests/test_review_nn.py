@@ -286,3 +286,33 @@ def test_quantize_model_says_why_nothing_was_converted():
   variables = _LinenScanned().init(jax.random.key(0), jnp.ones((1, 16)))
   with pytest.raises(ValueError, match=r"'blocks.Dense_0' \(kernel of shape \(2, 16, 16\)"):
     jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True, skip_modules=("head",)))
+
+
+class _Partitioned(nn.Module):
+  """Sharding-annotated Linen params: kernels boxed by nn.with_(logical_)partitioning."""
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.lecun_normal()
+    x = nn.Dense(64, kernel_init=nn.with_partitioning(init, (None, "model")),
+                 bias_init=nn.with_partitioning(nn.initializers.zeros_init(), ("model",)))(x)
+    return nn.Dense(8, kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")))(x)
+
+
+def test_linen_boxed_partitioned_params():
+  """quantize_model / add_lora / merge_lora on variables holding partitioning boxes (crashed
+  with AttributeError; add_lora found no Dense)."""
+  model, x = _Partitioned(), jnp.linspace(-1.0, 1.0, 128).reshape(2, 64)
+  variables = model.init(jax.random.key(0), x)
+  want = model.apply(variables, x)
+  qvars, summary = jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True),
+                                       return_summary=True)
+  assert [r.name for r in summary.layers] == ["Dense_0", "Dense_1"]
+  got = jqnn.quantized_apply(model, qvars, x)
+  assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.05
+  lvars = jqnn.add_lora(variables, jqnn.LoraConfig(r=2))
+  assert set(lvars["lora"]) == {"Dense_0", "Dense_1"}
+  lvars["lora"] = jax.tree.map(lambda a: a + 0.01, lvars["lora"])
+  adapted = jqnn.quantized_apply(model, lvars, x)
+  merged = jqnn.merge_lora(lvars)
+  np.testing.assert_allclose(model.apply(merged, x), adapted, rtol=1e-4, atol=1e-4)

@@ -70,6 +70,7 @@ def _quantized_dense(module: nn.Dense, w: LinenQuantWeight, x: jax.Array) -> jax
     bias = _variable(module, "params", "bias")
     if bias is None:
       raise ValueError(f"{_where(module)} has use_bias=True but no 'bias' in params")
+    bias = nn.meta.unbox(bias)  # a boxed (nn.with_partitioning) bias, as self.param reads it
   out_dtype = _common.output_dtype(x.dtype, module.param_dtype, module.dtype)
   if state.quant_type in FOUR_BIT_TYPES:
     return _common.linear_4bit(x, state, bias, out_dtype=out_dtype,

@@ -7,6 +7,7 @@ the shape of their variables: a param dict holding a 2-D float ``kernel`` (and o
 ``bias``) is a Dense, one holding only a 2-D ``embedding`` is an Embed. A layer of another
 type that happens to look like one (e.g. a ``DenseGeneral`` with one input and one output
 axis) is reported by a clear error when the model is applied: put it in ``skip_modules``.
+Partitioning metadata boxes are unboxed (the variables returned hold plain arrays).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 from jaxquant.nn import _common
 from jaxquant.nn._config import QuantConfig, path_to_name
@@ -52,9 +54,13 @@ jax.tree_util.register_dataclass(LinenQuantWeight, data_fields=["state"],
 
 
 def to_dict(tree: Any) -> Any:
-  """Nested mappings (``FrozenDict`` included) → plain dicts; other values as they are."""
+  """Nested mappings (``FrozenDict`` included) → plain dicts; partitioning boxes
+  (``nn.with_partitioning`` / ``nn.with_logical_partitioning``) → their arrays, as
+  ``nn.meta.unbox`` (``apply`` takes either); other values as they are."""
   if isinstance(tree, Mapping):
     return {k: to_dict(v) for k, v in tree.items()}
+  if isinstance(tree, nn.meta.AxisMetadata):
+    return tree.unbox()
   return tree
 
 
