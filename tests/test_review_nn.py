@@ -316,3 +316,30 @@ def test_linen_boxed_partitioned_params():
   adapted = jqnn.quantized_apply(model, lvars, x)
   merged = jqnn.merge_lora(lvars)
   np.testing.assert_allclose(model.apply(merged, x), adapted, rtol=1e-4, atol=1e-4)
+
+
+class _Shared(nnx.Module):
+  """One Linear reachable as 'proj' and 'tied' (tied weights), one other layer."""
+
+  def __init__(self, rngs):
+    self.tied = nnx.Linear(64, 64, rngs=rngs)
+    self.proj = self.tied
+    self.out = nnx.Linear(64, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.tied(self.proj(x)))
+
+
+def test_shared_layer_is_matched_by_any_of_its_paths():
+  """skip_modules / target_modules naming the second path of a shared layer ('tied'; the
+  graph lists it as 'proj') were ignored, or refused as matching no layer."""
+  model = _Shared(nnx.Rngs(0))
+  _, summary = jqnn.quantize_model(model, jqnn.QuantConfig(load_in_8bit=True,
+                                                           skip_modules=("tied",)),
+                                   return_summary=True)
+  assert type(model.tied) is nnx.Linear and model.tied is model.proj
+  assert type(model.out) is jqnn.Linear8bitLt and not summary.unused_skip_patterns
+  jqnn.add_lora(model, jqnn.LoraConfig(r=2, target_modules=("tied",)))
+  assert type(model.tied) is jqnn.LoraLinear and model.tied is model.proj
+  assert type(model.out) is jqnn.Linear8bitLt
+  assert len(jqnn.lora_modules(model)) == 1

@@ -15,7 +15,7 @@ from flax import nnx
 from jaxquant.nn import _common
 from jaxquant.nn._config import QuantConfig
 from jaxquant.nn._embed import Embedding4bit, Embedding8bit
-from jaxquant.nn._graph import iter_modules, replace_modules
+from jaxquant.nn._graph import iter_modules, module_paths, replace_modules
 from jaxquant.nn._linear import Linear4bit, Linear8bitLt
 
 __all__ = ["quantize_model", "dequantize_model", "QuantSummary", "LayerReport",
@@ -193,6 +193,7 @@ def _quantize_nnx(model: nnx.Module, config: QuantConfig, progress: bool | None)
   targets: dict[int, str] = {}
   skipped: list[tuple[str, str]] = []
   names: list[str] = []
+  aliases = module_paths(model)  # a shared layer is skipped if any of its paths is named
   for name, module in iter_modules(model):
     kind = type(module)
     if isinstance(module, _NOT_CONVERTED):
@@ -200,11 +201,12 @@ def _quantize_nnx(model: nnx.Module, config: QuantConfig, progress: bool | None)
       continue
     if kind is not nnx.Linear and kind is not nnx.Embed:
       continue
-    names.append(name)
+    paths = aliases.get(id(module), (name,))
+    names.extend(paths)
     if _weight(module).ndim != 2:
       skipped.append((name, f"weight of shape {tuple(_weight(module).shape)} is not 2-D "
                             "(a scanned or vmapped stack of layers)"))
-    elif config.skips(name):
+    elif any(config.skips(p) for p in paths):
       skipped.append((name, "skip_modules"))
     elif kind is nnx.Embed and not config.quantize_embeddings:
       skipped.append((name, "quantize_embeddings=False"))

@@ -14,7 +14,7 @@ from flax.nnx import graphlib
 
 from jaxquant.nn._config import path_to_name
 
-__all__ = ["iter_modules", "replace_modules"]
+__all__ = ["iter_modules", "module_paths", "replace_modules"]
 
 
 def iter_modules(root: Any) -> Iterator[tuple[str, nnx.Module]]:
@@ -22,6 +22,28 @@ def iter_modules(root: Any) -> Iterator[tuple[str, nnx.Module]]:
   for path, node in nnx.iter_graph(root):
     if isinstance(node, nnx.Module):
       yield path_to_name(path), node
+
+
+def module_paths(root: Any) -> dict[int, tuple[str, ...]]:
+  """Every dotted path of every submodule, keyed by ``id``: a module shared by several
+  parents (or slots) has several, which ``skip_modules`` / ``target_modules`` may name."""
+  paths: dict[int, list[str]] = {}
+  on_path: set[int] = set()
+
+  def visit(node: Any, path: tuple[Any, ...]) -> None:
+    impl = graphlib.get_node_impl(node)
+    if impl is None or id(node) in on_path:
+      return
+    if isinstance(node, nnx.Module):
+      paths.setdefault(id(node), []).append(path_to_name(path))
+    on_path.add(id(node))
+    for key, child in impl.node_dict(node).items():
+      if _may_hold_modules(child):
+        visit(child, (*path, key))
+    on_path.discard(id(node))
+
+  visit(root, ())
+  return {k: tuple(v) for k, v in paths.items()}
 
 
 def replace_modules(root: Any, fn: Callable[[str, Any], Any]) -> Any:

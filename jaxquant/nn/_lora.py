@@ -13,7 +13,7 @@ from flax import nnx
 from jaxquant.nn import _common
 from jaxquant.nn._config import ALL_LINEAR, LoraConfig
 from jaxquant.nn._embed import Embedding4bit, Embedding8bit
-from jaxquant.nn._graph import iter_modules, replace_modules
+from jaxquant.nn._graph import iter_modules, module_paths, replace_modules
 from jaxquant.nn._linear import Linear4bit, Linear8bitLt
 
 __all__ = ["LoraLinear", "LoraEmbed", "add_lora", "merge_lora", "lora_modules", "LINEAR_TYPES",
@@ -194,27 +194,31 @@ def add_lora(model: Any, config: LoraConfig, *, rngs: Any = None) -> Any:
     from jaxquant.nn import _linen_lora
     return _linen_lora.add_lora(model, config, rng=rngs)
   rngs = _as_rngs(rngs)
-  candidates, stacked = [], {}
+  candidates, stacked, by_name = [], {}, {}
+  aliases = module_paths(model)  # a shared layer is targeted if any of its paths is named
   for name, module in iter_modules(model):
     if isinstance(module, (LoraLinear, LoraEmbed)):
       raise ValueError(f"the model already has LoRA adapters (at '{name}'); call "
                        "jaxquant.nn.merge_lora first or load adapters with load_lora")
     if isinstance(module, LINEAR_TYPES + EMBED_TYPES):
-      candidates.append((name, isinstance(module, LINEAR_TYPES)))
+      for path in aliases.get(id(module), (name,)):
+        candidates.append((path, isinstance(module, LINEAR_TYPES)))
+        by_name[path] = (id(module), name)
       if stacked_axes(module):
         stacked[name] = isinstance(module, LINEAR_TYPES)
   check_targets(config, candidates)
-  selected = {name for name, linear in candidates if config.targets(name, linear=linear)}
+  chosen = {by_name[path] for path, linear in candidates if config.targets(path, linear=linear)}
+  selected = {key for key, _ in chosen}  # by id: a shared layer is wrapped once
   # refuse before any layer is wrapped: stacked (nnx.vmap) layers take dropout-free adapters
   # on linear layers only
-  bad = sorted(n for n in selected & set(stacked) if config.dropout > 0 or not stacked[n])
+  bad = sorted(n for _, n in chosen if n in stacked and (config.dropout > 0 or not stacked[n]))
   if bad:
     raise ValueError(f"layers {bad} are stacks built with nnx.vmap (a weight with leading layer "
                      "axes); they take LoRA adapters only if linear and with dropout=0.0, got "
                      f"dropout={config.dropout}; change the dropout or target_modules")
 
   def wrap(name: str, module: Any) -> Any:
-    if name not in selected:
+    if id(module) not in selected:
       return module
     common = dict(r=config.r, alpha=config.alpha, param_dtype=config.param_dtype,
                   dtype=config.dtype, rngs=rngs)
