@@ -90,3 +90,36 @@ def test_exit_right_after_an_async_save_keeps_the_checkpoint(tmp_path):
   with ck.CheckpointManager(tmp_path / "run") as mngr:
     assert mngr.all_steps() == [7]
     np.testing.assert_array_equal(mngr.restore()["w"], want)
+
+
+def test_linen_train_state_resumes_from_a_fresh_target(tmp_path):
+  """Flax's Linen recipe: save the TrainState, restore into ``TrainState.create(...)`` of a new
+  run. ``create`` sets ``step=0`` (a Python int) where the trained state holds an int32 array;
+  a Python scalar and a 0-d array of the same kind restore into each other's place (the value as
+  saved), and training resumes bit for bit."""
+  from flax.training import train_state  # noqa: PLC0415
+
+  from jaxquant import optim as jo  # noqa: PLC0415
+
+  params = {"w": 0.05 * jax.random.normal(jax.random.key(0), (16, 256)), "b": jnp.zeros(256)}
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  apply = lambda p, x: x @ p["w"] + p["b"][None]  # noqa: E731
+  create = lambda: train_state.TrainState.create(  # noqa: E731
+      apply_fn=apply, params=params, tx=jo.adamw8bit(1e-2))
+
+  @jax.jit
+  def step(state):
+    grads = jax.grad(lambda p: jnp.mean(state.apply_fn(p, x) ** 2))(state.params)
+    return state.apply_gradients(grads=grads)
+
+  state = step(step(create()))
+  ck.save(tmp_path / "trained", state)
+  resumed = ck.restore(tmp_path / "trained", create())
+  assert int(resumed.step) == 2
+  for a, b in zip(jax.tree.leaves(step(state)), jax.tree.leaves(step(resumed))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  ck.save(tmp_path / "fresh", create())  # and the other way round
+  assert ck.restore(tmp_path / "fresh", state).step == 0
+  ck.save(tmp_path / "count", {"n": 1.5})
+  with pytest.raises(ValueError, match="entry 'n'.*a Python float.*int32"):
+    ck.restore(tmp_path / "count", {"n": jnp.zeros((), jnp.int32)})

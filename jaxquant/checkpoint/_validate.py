@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any, Callable, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.checkpoint._tree import Entry, describe, is_quant_state, path_name
+from jaxquant.checkpoint._tree import Entry, _dtype, describe, is_quant_state, path_name
 
 Shardings = Union[jax.sharding.Sharding, Callable[[str, jax.ShapeDtypeStruct], Any], Any, None]
 
@@ -113,11 +114,29 @@ def _array_fields(info: dict[str, Any]) -> dict[str, Any]:
   return {"shape": info["shape"], "dtype": info["dtype"]}
 
 
+_SCALAR_KINDS = {"bool": jnp.bool_, "int": jnp.integer, "float": jnp.floating}
+
+
+def _scalar_and_0d_array(got: dict[str, Any], want: dict[str, Any]) -> bool:
+  """A Python scalar and a 0-d array of the same kind (bool, integer, floating), either way
+  round: e.g. ``TrainState.create`` holds ``step=0`` where the trained state holds an int32
+  array. They restore into each other's place, the value as saved."""
+  kinds = {got["kind"], want["kind"]}
+  if kinds != {"scalar", "array"}:
+    return False
+  scalar, array = (got, want) if got["kind"] == "scalar" else (want, got)
+  return array["shape"] == [] and jnp.issubdtype(_dtype(array["dtype"]),
+                                                 _SCALAR_KINDS[scalar["type"]])
+
+
 def _compare(name: str, got: dict[str, Any], want: dict[str, Any], where: str) -> None:
   head = f"entry {name!r} of checkpoint {where}"
+  if _scalar_and_0d_array(got, want):
+    return
   if got["kind"] != want["kind"]:
-    raise ValueError(f"{head} is {fmt(got)}, but the target has {fmt(want)} there; the "
-                     "checkpoint comes from another model layout (quantized vs not)")
+    why = ("; the checkpoint comes from another model layout (quantized vs not)"
+           if "quant_state" in (got["kind"], want["kind"]) else "")
+    raise ValueError(f"{head} is {fmt(got)}, but the target has {fmt(want)} there{why}")
   if got["kind"] == "quant_state":
     for key in ("quant_type", "shape", "dtype", "blocksize", "nested_blocksize"):
       if got[key] != want[key]:
