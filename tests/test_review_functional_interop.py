@@ -57,3 +57,21 @@ def test_blob_numbers_must_be_json_integers(field, value):
   raw[BLOB] = np.frombuffer(json.dumps(d).encode(), np.uint8).copy()
   with pytest.raises(ValueError, match=rf"tensor '{BLOB}': {field} must be"):
     bnb.from_state_dict(raw)
+
+
+def test_quantize_on_load_dtype_casts_only_floating_tensors(tmp_path):
+  """dtype=bfloat16 cast integer buffers too: BERT's position_ids 0..511 came back as bfloat16,
+  128 of them wrong (bfloat16 holds integers exactly only up to 256)."""
+  path = tmp_path / "m.safetensors"
+  safetensors.numpy.save_file({
+      "embeddings.position_ids": np.arange(512, dtype=np.int64)[None],
+      "mask": np.ones(4, bool),
+      "layer.dense.weight": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32),
+      "layer.dense.bias": np.ones(64, np.float32)}, str(path))
+  out = bnb.quantize_on_load(path, dtype=jnp.bfloat16, progress=False)
+  ids = out["embeddings.position_ids"]
+  assert np.dtype(ids.dtype) == np.int64 or jnp.dtype(ids.dtype) == jnp.int32
+  np.testing.assert_array_equal(np.asarray(ids), np.arange(512)[None])
+  assert out["mask"].dtype == jnp.bool_ and out["layer.dense.bias"].dtype == jnp.bfloat16
+  with pytest.raises(TypeError, match=r"dtype must be a float dtype .*got int8"):
+    bnb.quantize_on_load(path, dtype=jnp.int8, progress=False)

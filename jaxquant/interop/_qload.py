@@ -164,7 +164,8 @@ def quantize_on_load(path: str | os.PathLike, *, quant_type: str = "nf4", blocks
     blocksize: 4-bit blocksize (32 ... 4096).
     compress_statistics: double quantization of the 4-bit absmax.
     should_quantize: ``(name, shape, dtype) -> bool``; default :func:`default_should_quantize`.
-    dtype: cast the tensors that stay unquantized to this dtype (default: as stored). The
+    dtype: float32, float16 or bfloat16: cast the floating tensors that stay unquantized to
+      it (default: as stored); integer and bool tensors (``position_ids``) keep theirs. The
       QuantStates record the stored dtype as their dequantization dtype.
     device: ``jax.Device`` or ``Sharding`` for the results (default device otherwise).
     progress: tqdm progress bar.
@@ -183,7 +184,7 @@ def quantize_on_load(path: str | os.PathLike, *, quant_type: str = "nf4", blocks
   quantize = _quantizer(quant_type, blocksize, backend)
   nested = bool(compress_statistics) and quant_type != "int8"
   put = placer(device)
-  cast = None if dtype is None else jnp.dtype(dtype)
+  cast = None if dtype is None else _validate.check_dtype_arg("dtype", dtype)
 
   src = _safetensors.TensorSource(path)
 
@@ -192,7 +193,8 @@ def quantize_on_load(path: str | os.PathLike, *, quant_type: str = "nf4", blocks
     dt = _safetensors.np_dtype(st_dtype)
     if not should_quantize(name, shape, dt):
       a = src.read(name)
-      return put(a if cast is None else a.astype(cast))
+      floating = a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+      return put(a.astype(cast) if cast is not None and floating else a)
     _validate.check_array(name, jax.ShapeDtypeStruct(shape, dt))
     by_rows = (len(shape) == 2 and math.prod(shape) > CHUNK_ELEMENTS
                and (quant_type == "int8" or shape[1] % blocksize == 0))
