@@ -343,3 +343,16 @@ def test_shared_layer_is_matched_by_any_of_its_paths():
   assert type(model.tied) is jqnn.LoraLinear and model.tied is model.proj
   assert type(model.out) is jqnn.Linear8bitLt
   assert len(jqnn.lora_modules(model)) == 1
+
+
+def test_memory_footprint_counts_rng_keys():
+  """A model holding an rng stream (nnx.Dropout, LoRA dropout) has PRNG key arrays, whose
+  extended dtype numpy cannot read: memory_footprint raised TypeError."""
+  model = nnx.Sequential(nnx.Linear(64, 64, rngs=nnx.Rngs(0)), nnx.Dropout(0.1, rngs=nnx.Rngs(1)))
+  keys = [a for a in jax.tree.leaves(nnx.state(model))
+          if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)]
+  assert keys
+  want = 4 * (64 * 64 + 64) + sum(jax.random.key_data(k).nbytes for k in keys) + 4  # count
+  assert jqnn.memory_footprint(model) == want
+  abstract = nnx.eval_shape(lambda: nnx.Dropout(0.1, rngs=nnx.Rngs(1)))
+  assert jqnn.memory_footprint(abstract) == want - 4 * (64 * 64 + 64)

@@ -97,7 +97,9 @@ def memory_footprint(model_or_variables: Any) -> int:
   """Bytes of every array of an NNX model's state or of Linen variables."""
   tree = nnx.state(model_or_variables) if isinstance(model_or_variables, nnx.Module) else (
       model_or_variables)
-  return sum(int(math.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+  # dtype.itemsize, not jnp.dtype(...): PRNG key arrays (an nnx.Dropout's rng stream) have an
+  # extended dtype that numpy cannot interpret
+  return sum(int(math.prod(a.shape)) * a.dtype.itemsize
              for a in jax.tree.leaves(tree) if hasattr(a, "shape") and hasattr(a, "dtype"))
 
 
