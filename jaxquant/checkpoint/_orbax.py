@@ -94,8 +94,9 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False, block: bool
 
   Args:
     path: a directory that must not exist (unless ``force``).
-    tree: any pytree (dicts, lists, NamedTuples, dataclasses, ``nnx.State``) of ``jax.Array``,
-      ``np.ndarray``, Python scalars and :class:`~jaxquant.QuantState`.
+    tree: any pytree (dicts, lists, NamedTuples, dataclasses, ``nnx.State``) of ``jax.Array``
+      (typed PRNG key arrays included), ``np.ndarray``, Python scalars and
+      :class:`~jaxquant.QuantState`.
     force: overwrite an existing checkpoint at ``path`` (Orbax removes it before writing the
       new one: a crash in between leaves no checkpoint there, never a mix of the two).
     block: wait until the checkpoint is committed. With ``block=False`` the device arrays are
@@ -136,7 +137,9 @@ def restore(path: str | os.PathLike, target: Any = None, *, shardings: Shardings
     target: a pytree of the saved structure whose leaves are arrays, ``jax.ShapeDtypeStruct``
       (e.g. from ``jax.eval_shape``, ``nnx.eval_shape`` or :func:`abstract`), Python scalars or
       QuantStates of such leaves; the result has its structure and QuantState metadata.
-      Shapes, dtypes and QuantState metadata must equal the checkpoint's (nothing is cast).
+      Shapes, dtypes and QuantState metadata must equal the checkpoint's (nothing is cast);
+      a Python scalar and a 0-d array of the same kind stand for each other (the value comes
+      back as saved), e.g. ``TrainState.create(...)``'s ``step=0``.
       ``None``: a nested dict (string keys) rebuilt from the checkpoint's description.
     shardings: where the arrays go: a ``jax.sharding.Sharding`` for all, a callable
       ``(name, ShapeDtypeStruct) -> Sharding | None`` (``name`` as in error messages, plus
