@@ -43,6 +43,9 @@ def test_linen_attend_promotes_query_like_nn_embed(bits):
   assert layer.apply(lvars, jnp.ones((2, 64), jnp.bfloat16),
                      method="attend").dtype == jnp.bfloat16
   assert layer.apply(lvars, ids).dtype == jnp.bfloat16  # the lookup keeps the table's dtype
+  stable = jqnn.StableEmbed(32, 64, param_dtype=jnp.bfloat16)
+  svars = stable.init(jax.random.key(0), ids)
+  assert stable.apply(svars, jnp.ones((2, 64)), method="attend").dtype == jnp.float32
 
 
 class _Block(nnx.Module):

@@ -248,5 +248,7 @@ class StableEmbed(nn.Module):
     return self.norm(rows.astype(jnp.float32)).astype(self._out_dtype())
 
   def attend(self, query: jax.Array) -> jax.Array:
-    dt = self._out_dtype()
+    """``query @ table.T`` (no norm), in ``dtype`` or the promotion of the query's and the
+    table's dtypes, as ``nn.Embed.attend``."""
+    dt = _common.output_dtype(query.dtype, self.param_dtype, self.dtype)
     return jnp.dot(query.astype(dt), self.embedding.astype(dt).T)
