@@ -170,8 +170,10 @@ def quantize_model(model: Any, config: QuantConfig, *, progress: bool | None = N
 
   Raises:
     ValueError: ``config.blocksize`` does not divide the input features of a layer to
-      convert (nothing is changed then; the message names the layers), or the model holds
-      no layer to convert.
+      convert (nothing is changed then; the message names the layers), the model holds
+      no layer to convert (the message lists those kept in float and why), or a layer's
+      weights hold NaN/Inf (or, for LLM.int8(), values beyond float16's range): the message
+      names it; NNX layers converted before it stay converted.
     TypeError: ``model`` is neither an NNX module nor a Linen variables mapping.
   """
   if not isinstance(config, QuantConfig):
