@@ -359,3 +359,24 @@ def test_memory_footprint_counts_rng_keys():
   assert jqnn.memory_footprint(model) == want
   abstract = nnx.eval_shape(lambda: nnx.Dropout(0.1, rngs=nnx.Rngs(1)))
   assert jqnn.memory_footprint(abstract) == want - 4 * (64 * 64 + 64)
+
+
+class _ReadsTable(nn.Module):
+  """A tied head written against the table itself, not attend."""
+
+  def setup(self):
+    self.embed = nn.Embed(32, 64)
+
+  def __call__(self, ids):
+    return self.embed(ids) @ self.embed.embedding.T
+
+
+def test_linen_converted_embed_exposes_its_table():
+  """Code reading nn.Embed's ``embedding`` attribute ran into AttributeError once the table
+  was quantized; it now reads the dequantized table."""
+  model, ids = _ReadsTable(), jnp.arange(6)[None]
+  variables = model.init(jax.random.key(0), ids)
+  want = model.apply(variables, ids)
+  qvars = jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True))
+  got = jqnn.quantized_apply(model, qvars, ids)
+  assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.02

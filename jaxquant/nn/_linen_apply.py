@@ -5,7 +5,8 @@
 - computes an ``nn.Dense`` whose kernel is in the ``"quantized"`` collection through
   :func:`jaxquant.functional.matmul_4bit` / :func:`jaxquant.functional.int8_linear`, and an
   ``nn.Embed`` whose table is there by a quantized row lookup / tied-head matmul (its
-  ``setup`` is skipped: the table is not in ``"params"``);
+  ``setup`` is skipped: the table is not in ``"params"``; its ``embedding`` attribute is the
+  dequantized table, for code that reads it);
 - adds ``dropout(x) @ lora_a @ lora_b * scaling`` to every Dense/Embed-like layer (float,
   converted, or a jaxquant Linen layer) that has an adapter in the ``"lora"`` collection.
   Dropout is active only when a ``"dropout"`` rng is passed to ``apply``.
@@ -129,7 +130,10 @@ def _interceptor(next_fun, args, kwargs, context):
   if isinstance(module, _EMBED):
     w = _variable(module, QUANT_COLLECTION, "embedding") if isinstance(module, nn.Embed) else None
     if method == "setup" and w is not None:
-      return None  # the table is quantized: nothing to create in "params"
+      # the table is quantized: nothing to create in "params". Code that reads
+      # ``embed.embedding`` gets the dequantized table (under jit, computed only if read).
+      module.embedding = _common.dequantize_table(w.state, module.param_dtype)
+      return None
     if method not in ("__call__", "attend"):
       return next_fun(*args, **kwargs)
     lora = _variable(module, LORA_COLLECTION, ADAPTER)
