@@ -127,17 +127,26 @@ def parse_args(argv=None) -> argparse.Namespace:
   shortest = min(len(english_bytes()), int(0.1 * len(python_bytes())))
   if args.seq >= shortest:
     p.error(f"--seq must be < {shortest} (the held-out text's length in bytes), got {args.seq}")
+  try:
+    llama_config(args)
+  except ValueError as e:  # e.g. heads of 32 that the KV heads (hidden / 128) do not divide
+    p.error(f"--hidden {args.hidden} gives no valid model: {e}")
   return args
+
+
+def llama_config(args: argparse.Namespace) -> LlamaConfig:
+  """The model the flags describe: heads of 32, one KV head per 128 of ``--hidden``."""
+  return LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                     num_layers=args.layers, num_heads=args.hidden // 32,
+                     num_kv_heads=max(1, args.hidden // 128), max_position=args.seq,
+                     remat="full")
 
 
 def main(argv=None):
   args = parse_args(argv)
   if args.device:
     jax.config.update("jax_platforms", args.device)
-  cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                    num_layers=args.layers, num_heads=args.hidden // 32,
-                    num_kv_heads=max(1, args.hidden // 128), max_position=args.seq,
-                    remat="full")
+  cfg = llama_config(args)
   print(f"JAX {jax.__version__} on {jax.devices()[0].platform}; model: {cfg.num_params():,} "
         f"parameters, {cfg.num_heads} heads / {cfg.num_kv_heads} KV heads")
 

@@ -152,6 +152,7 @@ def _example(name):
     ("llama_qlora", ["--hidden", "0"], "--hidden"),
     ("llama_qlora", ["--batch-size", "0"], "--batch-size"),
     ("llama_qlora", ["--seq", "100000"], "--seq"),
+    ("llama_qlora", ["--hidden", "448"], "--hidden"),  # 14 heads, 3 KV heads
     ("qlora_finetune", ["--alpha", "0"], "--alpha"),
     ("qlora_finetune", ["--data", "/nonexistent.tsv"], "--data"),
 ])
