@@ -292,7 +292,7 @@ def run_optax_adamw(params, grads, n_params, steps=20, warmup=3) -> dict:
 
 SWEEP = [kernel.KernelConfig(rows=r, tiles_per_program=t, num_warps=w)
          for r, t, w in ((4, 4, 4), (1, 1, 1), (4, 1, 4), (2, 4, 2), (8, 1, 4), (8, 2, 8),
-                         (2, 8, 2), (4, 2, 2), (1, 8, 1))]
+                         (2, 8, 2), (4, 2, 2), (1, 8, 1), (2, 1, 1), (1, 4, 1))]
 
 
 def main() -> None:
