@@ -62,8 +62,6 @@ def test_flax_serialization_round_trip():
     assert isinstance(back[name], jq.QuantState) and back[name].shape == tree[name].shape
     for a, b in zip(jax.tree.leaves(back[name]), jax.tree.leaves(tree[name])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  np.testing.assert_array_equal(np.asarray(jq.dequantize_4bit(back["q4"])),
-                                np.asarray(jq.dequantize_4bit(tree["q4"])))
   with pytest.raises(ValueError, match=r"must hold the arrays .*nested_absmax"):
     serialization.from_bytes({**template, "q4": jq.quantize_4bit(W, 32, False, "nf4")}, blob)
   with pytest.raises(ValueError, match=r"QuantState.data has shape"):
