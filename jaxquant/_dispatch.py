@@ -4,10 +4,9 @@
 CUDA GPU (the device of its committed array arguments, else ``jax.default_device``, else JAX's
 default backend), a Pallas kernel exists for the op and its ``supports()`` predicate holds;
 otherwise ``"xla"`` (the pure-jnp reference): arrays placed on the host CPU of a GPU machine
-take the reference. An explicit ``backend="pallas"`` or
-``"interpret"`` for an op without that kernel is an error; the same request through the
-environment variable is a preference and falls back to ``"xla"``, since it applies to all ops
-at once.
+take the reference. An explicit ``backend="pallas"`` or ``"interpret"`` for an op without that
+kernel is an error; the same request through the environment variable is a preference and
+falls back to ``"xla"``, since it applies to all ops at once.
 """
 
 from __future__ import annotations
