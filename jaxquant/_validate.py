@@ -71,8 +71,10 @@ def check_finite(name: str, x: Any) -> None:
   and code 0 for the NaN elements, as bitsandbytes' CUDA kernels produce."""
   if not is_concrete(x):
     return
-  if isinstance(x, jax.Array) and bool(jnp.all(jnp.isfinite(x))):
-    return  # checked where the array lives: only a bool comes to the host
+  if isinstance(x, jax.Array):
+    with jax.ensure_compile_time_eval():  # a constant under an outer jit: still a value
+      if bool(jnp.all(jnp.isfinite(x))):
+        return  # checked where the array lives: only a bool comes to the host
   arr = np.asarray(jax.device_get(x)).astype(np.float32)
   bad = ~np.isfinite(arr)
   if bad.any():
