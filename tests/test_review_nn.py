@@ -381,3 +381,15 @@ def test_linen_converted_embed_exposes_its_table():
   qvars = jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True))
   got = jqnn.quantized_apply(model, qvars, ids)
   assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.02
+
+
+def test_save_lora_of_the_bare_linen_collection_says_what_to_pass(tmp_path):
+  """The README trains ``lora = qvars.pop("lora")``; saving that dict alone was refused with
+  'the model holds no LoRA adapters; add them with add_lora'."""
+  model = nn.Sequential([nn.Dense(8)])
+  variables = jqnn.add_lora(model.init(jax.random.key(0), jnp.ones((1, 64))),
+                            jqnn.LoraConfig(r=2))
+  lora = variables.pop("lora")
+  with pytest.raises(ValueError, match=r"'lora' collection alone.*\{\*\*variables, 'lora'"):
+    jqnn.save_lora(tmp_path / "adapter", lora)
+  jqnn.save_lora(tmp_path / "adapter", {**variables, "lora": lora})

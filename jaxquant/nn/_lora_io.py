@@ -49,6 +49,12 @@ def lora_tree(model_or_variables: Any) -> dict[str, Any]:
     items = [(p, w.lora_a, w.lora_b, w.scaling)
              for p, w in _linen_adapters(to_dict(model_or_variables))]
   if not items:
+    bare = (not isinstance(model_or_variables, nnx.Module)
+            and any(isinstance(x, LoraWeights) for x in jax.tree.leaves(
+                to_dict(model_or_variables), is_leaf=lambda x: isinstance(x, LoraWeights))))
+    if bare:  # the 'lora' collection alone, e.g. the one popped out to train
+      raise ValueError("got the 'lora' collection alone; pass the variables that hold it: "
+                       "{**variables, 'lora': lora}")
     raise ValueError("the model holds no LoRA adapters; add them with jaxquant.nn.add_lora "
                      "(the same LoraConfig as when they were saved) before saving or loading")
   tree: dict[str, Any] = {}
