@@ -393,3 +393,14 @@ def test_save_lora_of_the_bare_linen_collection_says_what_to_pass(tmp_path):
   with pytest.raises(ValueError, match=r"'lora' collection alone.*\{\*\*variables, 'lora'"):
     jqnn.save_lora(tmp_path / "adapter", lora)
   jqnn.save_lora(tmp_path / "adapter", {**variables, "lora": lora})
+
+
+def test_quantize_model_reports_linear_subclasses():
+  """Subclasses of nnx.Linear (flax's own nnx.LoRALinear, a user's layer) are left in float
+  on purpose; the summary now lists them instead of leaving them out silently."""
+  model = nnx.Sequential(nnx.LoRALinear(64, 64, lora_rank=2, rngs=nnx.Rngs(0)),
+                         nnx.Linear(64, 8, rngs=nnx.Rngs(1)))
+  _, summary = jqnn.quantize_model(model, jqnn.QuantConfig(load_in_8bit=True),
+                                   return_summary=True)
+  assert [r.name for r in summary.layers] == ["layers.1"]
+  assert summary.skipped[0][0] == "layers.0" and "LoRALinear" in summary.skipped[0][1]

@@ -204,6 +204,10 @@ def _quantize_nnx(model: nnx.Module, config: QuantConfig, progress: bool | None)
       skipped.append((name, f"{kind.__name__} is not converted (only nnx.Linear / nnx.Embed)"))
       continue
     if kind is not nnx.Linear and kind is not nnx.Embed:
+      if isinstance(module, (nnx.Linear, nnx.Embed)):  # its own __call__ may differ
+        base = "nnx.Linear" if isinstance(module, nnx.Linear) else "nnx.Embed"
+        skipped.append((name, f"{kind.__name__} subclasses {base}: only exact nnx.Linear / "
+                              "nnx.Embed are converted"))
       continue
     paths = aliases.get(id(module), (name,))
     names.extend(paths)
