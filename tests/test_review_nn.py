@@ -404,3 +404,20 @@ def test_quantize_model_reports_linear_subclasses():
                                    return_summary=True)
   assert [r.name for r in summary.layers] == ["layers.1"]
   assert summary.skipped[0][0] == "layers.0" and "LoRALinear" in summary.skipped[0][1]
+
+
+def test_layer_quantizers_take_a_constant_inside_jit():
+  """A weight closed over by a jitted function is concrete: the finiteness and float16-range
+  checks run on its value (they raised TracerBoolConversionError)."""
+  from jaxquant.nn import _common
+  w = jnp.asarray(np.random.default_rng(0).standard_normal((64, 32)), jnp.float32)
+  q4 = jax.jit(lambda: _common.quantize_kernel_4bit(w, quant_type="nf4", blocksize=64,
+                                                     double_quant=False))()
+  eager = _common.quantize_kernel_4bit(w, quant_type="nf4", blocksize=64, double_quant=False)
+  np.testing.assert_array_equal(np.asarray(q4.data), np.asarray(eager.data))
+  q8 = jax.jit(lambda: _common.quantize_kernel_8bit(w))()
+  np.testing.assert_array_equal(np.asarray(q8.data),
+                                np.asarray(_common.quantize_kernel_8bit(w).data))
+  bad = w.at[0, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match="NaN or Inf"):
+    jax.jit(lambda: _common.quantize_kernel_8bit(bad))()

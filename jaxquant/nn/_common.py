@@ -67,7 +67,11 @@ def check_4bit_layer(layer: str, in_features: int, *, quant_type: str, blocksize
 def check_finite(name: str, w: jax.Array) -> None:
   """Outside ``jit``: reject a weight holding NaN/Inf (one reduction on the device, only the
   verdict comes back), naming the layer."""
-  if _validate.is_concrete(w) and not bool(_all_finite(w)):
+  if not _validate.is_concrete(w):
+    return
+  with jax.ensure_compile_time_eval():  # a constant under an outer jit: still a value
+    finite = bool(_all_finite(w))
+  if not finite:
     raise ValueError(f"{name} holds NaN or Inf values; quantization needs finite weights")
 
 
@@ -126,7 +130,8 @@ def _check_fp16_range(name: str, w: jax.Array) -> None:
   """LLM.int8() weights are quantized from float16, as bitsandbytes does."""
   check_finite(name, w)
   if _validate.is_concrete(w):
-    big = float(_absmax(w))
+    with jax.ensure_compile_time_eval():
+      big = float(_absmax(w))
     if big > 65504.0:
       raise ValueError(f"{name} has |values| up to {big}, beyond float16's range (65504) that "
                        "LLM.int8() weights are quantized from")
