@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxquant.sharding._mesh import DATA, FSDP, batch_sharding
+from jaxquant.sharding._mesh import DATA, FSDP, axis_size, batch_sharding
 
 __all__ = ["global_batch"]
 
@@ -36,9 +36,28 @@ def global_batch(local: Any, mesh: Mesh, *,
   Returns:
     Pytree of global ``jax.Array`` s of leading size ``sum over processes``, split over
     ``batch_axes`` as the train step expects.
+
+  Raises:
+    ValueError: with several processes, a leaf that is a scalar or whose global leading size
+      does not divide over the batch axes (it cannot be assembled from per-process rows).
   """
-  shardings = batch_sharding(mesh, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((np.shape(x)[0] * jax.process_count(),) + np.shape(x)[1:],
-                                     np.asarray(x).dtype), local), batch_axes=batch_axes)
-  return jax.tree.map(lambda s, x: jax.make_array_from_process_local_data(s, np.asarray(x)),
-                      shardings, local)
+  processes = jax.process_count()
+  shards = axis_size(mesh, batch_axes)
+
+  def global_shape(path, x):
+    shape = np.shape(x)
+    if processes > 1 and (not shape or (shape[0] * processes) % shards):
+      what = "a scalar" if not shape else f"{shape[0] * processes} rows"
+      raise ValueError(f"global_batch: leaf {jax.tree_util.keystr(path)} is {what}, which does "
+                       f"not split over the {shards} devices of batch_axes={batch_axes!r}; "
+                       "with several processes every leaf needs a leading (batch) dimension "
+                       "whose global size is a multiple of that")
+    lead = (shape[0] * processes,) if shape else ()
+    return jax.ShapeDtypeStruct(lead + shape[1:], np.asarray(x).dtype)
+
+  shapes = jax.tree_util.tree_map_with_path(global_shape, local)
+  shardings = batch_sharding(mesh, shapes, batch_axes=batch_axes)
+  # the global shape is given so that JAX refuses rows its sharding cannot place (e.g. batch
+  # axes that do not span the processes) instead of inferring a smaller array
+  return jax.tree.map(lambda s, x, g: jax.make_array_from_process_local_data(
+      s, np.asarray(x), g.shape), shardings, local, shapes)

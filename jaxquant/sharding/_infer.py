@@ -109,13 +109,17 @@ def _lora_follow(parts: tuple[str, ...], shape: tuple[int, ...],
     if found is None:
       continue
     spec, torch_layout = found
-    s = normalize_spec(spec, 2)
+    if len(shape) < 2 or len(tuple(spec)) > len(shape):  # not an adapter of this base
+      continue
+    # a stacked layer (nnx.vmap): base (*L, in, out), adapters (*L, in, r) / (*L, r, out)
+    s = normalize_spec(spec, len(shape))
+    lead, (d0, d1) = s[:-2], s[-2:]
     if not is_embedding:
-      in_axes, out_axes = (s[1], s[0]) if torch_layout else (s[0], s[1])
-      want = P(in_axes, None) if which == "lora_a" else P(None, out_axes)
+      in_axes, out_axes = (d1, d0) if torch_layout else (d0, d1)
+      want = (in_axes, None) if which == "lora_a" else (None, out_axes)
     else:  # embedding table (num, features)
-      want = P(s[0], None) if which == "lora_a" else P(None, s[1])
-    return fit_spec(mesh, want, shape)
+      want = (d0, None) if which == "lora_a" else (None, d1)
+    return fit_spec(mesh, P(*lead, *want), shape)
   return None
 
 

@@ -1,0 +1,66 @@
+"""Review of jaxquant.sharding: stacked (nnx.vmap) LoRA layers, flat 8-bit states, global
+batches that cannot be split."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import jaxquant as jq
+import jaxquant.nn as jqnn
+import jaxquant.sharding as js
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return js.make_mesh(data=2, fsdp=4)
+
+
+def test_lora_on_a_stacked_layer_follows_its_base(mesh):
+  # nnx.vmap-built stack of 4 Linear(256, 256): kernel (4, 256, 256) is split on its first
+  # divisible dimension (the layers); the stacked adapters (4, 256, r) / (4, r, 256) follow.
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def stack(key):
+    return nnx.Linear(256, 256, rngs=nnx.Rngs(key))
+
+  class Model(nnx.Module):
+    def __init__(self):
+      self.layers = stack(jax.random.split(jax.random.key(0), 4))
+
+  model = Model()
+  jqnn.add_lora(model, jqnn.LoraConfig(r=4, target_modules="all-linear"), rngs=1)
+  specs = js.partition_specs(nnx.state(model), mesh)["layers"]
+  assert specs["base"]["kernel"].get_value() == P("fsdp", None, None)
+  assert specs["lora_a"].get_value() == P("fsdp", None, None)
+  assert specs["lora_b"].get_value() == P("fsdp", None, None)
+  # a float kernel split on its output features: lora_b follows on its last dimension
+  rules = js.PartitionRules(overrides=((r"base/kernel", P(None, None, "fsdp")),))
+  specs = js.partition_specs(nnx.state(model), mesh, rules)["layers"]
+  assert specs["lora_a"].get_value() == P(None, None, None)
+  assert specs["lora_b"].get_value() == P(None, None, "fsdp")
+
+
+def test_flat_blockwise8_state_keeps_codes_and_scales_together(mesh):
+  # (8, 40) in blocks of 64: 5 flat blocks do not split over 4 devices. The codes must not be
+  # split when the scales are not, or no device can dequantize its own part.
+  st = jq.quantize_blockwise(jax.random.normal(jax.random.key(0), (8, 40)), blocksize=64)
+  specs, notes = js.quant_state_specs(st, P("fsdp"), mesh)
+  assert specs.absmax == P() and specs.data == P() and notes
+  sharded = js.shard_state(st, mesh)
+  full = np.asarray(jq.dequantize_blockwise(st))
+  for shard in sharded.data.addressable_shards:
+    local = js.local_quant_state(sharded, shard.device)
+    np.testing.assert_array_equal(np.asarray(jq.dequantize_blockwise(local)), full)
+
+
+def test_global_batch_rejects_rows_that_cannot_be_split(mesh, monkeypatch):
+  # With several processes a leaf that cannot be split over the batch axes would become a
+  # "replicated" array holding different rows on each process: refuse it by name.
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  rows = {"ids": np.zeros((4, 3), np.int32), "w": np.zeros((3,), np.float32)}
+  with pytest.raises(ValueError, match=r"global_batch.*\['w'\].*6 rows.*8"):
+    js.global_batch(rows, mesh)
+  with pytest.raises(ValueError, match=r"\['t'\].*scalar"):
+    js.global_batch({"t": np.float32(1.0)}, mesh)
