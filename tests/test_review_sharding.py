@@ -4,6 +4,7 @@ batches that cannot be split."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -64,3 +65,27 @@ def test_global_batch_rejects_rows_that_cannot_be_split(mesh, monkeypatch):
     js.global_batch(rows, mesh)
   with pytest.raises(ValueError, match=r"\['t'\].*scalar"):
     js.global_batch({"t": np.float32(1.0)}, mesh)
+
+
+def test_train_step_with_lora_dropout_matches_single_device():
+  # LoRA dropout (PEFT's lora_dropout) draws from an RNG counter in the frozen state: the step
+  # must be able to advance it (it raised TraceContextError), and does so every step.
+  def run(mesh):
+    model = nnx.Sequential(jqnn.Linear4bit(64, 128, quant_type="nf4", rngs=nnx.Rngs(0)))
+    jqnn.add_lora(model, jqnn.LoraConfig(r=4, dropout=0.5, target_modules="all-linear"),
+                  rngs=1)
+    for _, m in jqnn.lora_modules(model):
+      m.lora_b.set_value(jnp.ones(m.lora_b.shape) * 0.1)
+    trainer = js.make_train_step(model, optax.sgd(0.0), lambda m, b: jnp.mean(m(b) ** 2),
+                                 mesh)
+    state, batch = trainer.init(model), trainer.place_batch(jnp.ones((8, 64)))
+    losses = []
+    for _ in range(2):
+      state, loss = trainer.step(state, batch)
+      losses.append(float(loss))
+    return losses
+
+  losses = run(js.make_mesh(data=2, fsdp=4))
+  assert losses[0] != losses[1]  # a new dropout mask each step
+  np.testing.assert_allclose(losses, run(js.make_mesh(fsdp=1, devices=jax.devices()[:1])),
+                             rtol=1e-5)

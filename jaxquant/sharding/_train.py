@@ -161,7 +161,8 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation,
 
   def step(state: TrainState, batch: Any) -> tuple[TrainState, jax.Array]:
     def loss_of(p):
-      m = nnx.merge(graphdef, p, state.frozen)
+      # copy: fresh Variables of this trace, so that dropout can advance its RNG counter
+      m = nnx.merge(graphdef, p, state.frozen, copy=True)
       loss = loss_fn(m, batch)
       return loss, nnx.split(m, wrt, ...)[2]  # frozen, with advanced RNG counters (dropout)
     with use_mesh(mesh, rules):  # active while the step is traced
