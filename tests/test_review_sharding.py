@@ -89,3 +89,31 @@ def test_train_step_with_lora_dropout_matches_single_device():
   assert losses[0] != losses[1]  # a new dropout mask each step
   np.testing.assert_allclose(losses, run(js.make_mesh(fsdp=1, devices=jax.devices()[:1])),
                              rtol=1e-5)
+
+
+def test_bad_arguments_name_themselves(mesh):
+  st = jq.quantize_nf4(jax.random.normal(jax.random.key(0), (64, 128)), 64)
+  x = jnp.ones((8, 128))
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    js.sharded_matmul_4bit(x, st, mesh=None)
+  with pytest.raises(TypeError, match="rules must be a jaxquant.sharding.PartitionRules"):
+    js.sharded_matmul_4bit(x, st, mesh=mesh, rules={"fsdp": "fsdp"})
+  with pytest.raises(ValueError, match="x.shape.-1. must equal the weight's in_features 128"):
+    js.sharded_matmul_4bit(jnp.ones((8, 100)), st, mesh=mesh)
+  with pytest.raises(ValueError, match=r"bias must have shape \(64,\)"):
+    js.sharded_matmul_4bit(x, st, jnp.ones((3,)), mesh=mesh)
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    js.global_batch({"a": np.ones((8, 2))}, "mesh")
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    js.batch_sharding(None)
+  with pytest.raises(ValueError, match="fsdp names a mesh axis twice"):
+    js.PartitionRules(fsdp=("fsdp", "fsdp"))
+  # an override pattern that also catches the bias: the error names the entry
+  tree = {"attn": {"kernel": jnp.ones((256, 256)), "bias": jnp.ones((256,))}}
+  rules = js.PartitionRules(overrides=((r"attn", P(None, "fsdp")),))
+  with pytest.raises(ValueError, match=r"overrides gives 'attn/bias' \(shape \(256,\)\)"):
+    js.partition_specs(tree, mesh, rules)
+  model = nnx.Sequential(jqnn.Linear4bit(64, 64, rngs=nnx.Rngs(0)))
+  jqnn.add_lora(model, jqnn.LoraConfig(r=2, target_modules="all-linear"), rngs=1)
+  with pytest.raises(TypeError, match="loss_fn must be a callable"):
+    js.make_train_step(model, optax.sgd(0.1), "mse", mesh)

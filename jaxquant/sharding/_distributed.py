@@ -41,6 +41,8 @@ def global_batch(local: Any, mesh: Mesh, *,
     ValueError: with several processes, a leaf that is a scalar or whose global leading size
       does not divide over the batch axes (it cannot be assembled from per-process rows).
   """
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
   processes = jax.process_count()
   shards = axis_size(mesh, batch_axes)
 

@@ -168,6 +168,11 @@ def plan(tree: Any, mesh: Mesh, rules: PartitionRules | None = None, *,
     if hit is not None and tuple(hit[1]) == shape:
       spec = fit_spec(mesh, hit[0], shape)
     elif (o := rules.override(name)) is not None:
+      if shape and len(tuple(o)) > len(shape):
+        raise ValueError(f"rules.overrides gives {name!r} (shape {shape}) the PartitionSpec "
+                         f"{o}, which has more entries than its rank {len(shape)}; make the "
+                         "pattern match only the arrays it is meant for (e.g. end it with "
+                         "'kernel$')")
       spec = fit_spec(mesh, o, shape) if shape else P()
       if tuple(normalize_spec(spec, len(shape))) != tuple(normalize_spec(o, len(shape))):
         notes.setdefault(name, []).append(f"override {o} fitted to {spec} for shape {shape}")

@@ -139,7 +139,8 @@ def sharded_matmul_4bit(x: jax.Array, state: QuantState, bias: jax.Array | None 
   if not hasattr(x, "ndim") or x.ndim < 2:
     raise ValueError(f"x must be an array with a batch dimension, (B, ..., K); got "
                      f"{getattr(x, 'shape', type(x).__name__)}")
-  return _partitioned(x, state, bias, _layout(mesh, rules, x, state, bias, backend))
+  with use_mesh(mesh, rules):  # checks mesh, rules, x and bias as matmul_4bit does
+    return _matmul.matmul_4bit(x, state, bias, backend=backend)
 
 
 def _layout(mesh, rules, x, state, bias, backend) -> _Layout:

@@ -107,6 +107,8 @@ def batch_sharding(mesh: Mesh, tree: Any = None, *,
   and leaves whose batch dimension does not divide are replicated. Without, a single
   sharding for every batch array.
   """
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
   if tree is None:
     return NamedSharding(mesh, batch_spec(mesh, batch_axes))
 

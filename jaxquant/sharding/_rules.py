@@ -43,6 +43,8 @@ def _axes_tuple(name: str, value: Any) -> tuple[str, ...]:
   for item in items:
     if not isinstance(item, str):
       raise TypeError(f"{name} must hold mesh axis names (str), got {item!r}")
+  if len(set(items)) != len(items):
+    raise ValueError(f"{name} names a mesh axis twice: {items!r}")
   return items
 
 

@@ -137,6 +137,9 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation,
     raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
   if not isinstance(tx, optax.GradientTransformation):
     raise TypeError(f"tx must be an optax.GradientTransformation, got {type(tx).__name__}")
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be a callable (model, batch) -> scalar loss, got "
+                    f"{type(loss_fn).__name__}")
   rules = PartitionRules() if rules is None else rules
   graphdef, params, frozen = nnx.split(model, wrt, ...)
   if not jax.tree.leaves(params):
