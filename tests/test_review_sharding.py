@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxquant as jq
 import jaxquant.nn as jqnn
+import jaxquant.optim as jqoptim
 import jaxquant.sharding as js
 
 
@@ -117,3 +118,20 @@ def test_bad_arguments_name_themselves(mesh):
   jqnn.add_lora(model, jqnn.LoraConfig(r=2, target_modules="all-linear"), rngs=1)
   with pytest.raises(TypeError, match="loss_fn must be a callable"):
     js.make_train_step(model, optax.sgd(0.1), "mse", mesh)
+
+
+def test_offloaded_optimizer_state_stays_on_the_host(mesh):
+  # bitsandbytes' paged optimizers ~ adamw8bit(offload=True): the trainer must keep the state
+  # in pinned_host memory across init and steps (it was moved to device memory).
+  if not jqoptim.host_memory_supported():
+    pytest.skip("no pinned_host memory on this backend")
+  model = nnx.Sequential(jqnn.Linear4bit(64, 256, quant_type="nf4", rngs=nnx.Rngs(0)))
+  jqnn.add_lora(model, jqnn.LoraConfig(r=4, target_modules="all-linear"), rngs=1)
+  tx = jqoptim.adamw8bit(1e-2, min_8bit_size=64, offload=True)
+  trainer = js.make_train_step(model, tx, lambda m, b: jnp.mean(m(b) ** 2), mesh)
+  state = trainer.init(model)
+  on_host = lambda s: jqoptim.memory_kinds(s).get("pinned_host", 0)  # noqa: E731
+  total = sum(jqoptim.memory_kinds(state.opt_state).values())
+  assert on_host(state.opt_state) >= 0.9 * total
+  state, loss = trainer.step(state, trainer.place_batch(jnp.ones((8, 64))))
+  assert np.isfinite(float(loss)) and on_host(state.opt_state) >= 0.9 * total

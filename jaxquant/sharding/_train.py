@@ -68,6 +68,22 @@ def _spec_table(model_plan: Plan, state: Any) -> dict[tuple[str, ...], Any]:
   return dict(zip(paths, specs))
 
 
+def _keep_host_state(tx: optax.GradientTransformation, params: Any, shardings: Any) -> Any:
+  """``shardings`` of the optimizer state, in ``pinned_host`` memory for the leaves that
+  ``tx.init`` puts there (an offloading transform, e.g. ``adamw8bit(..., offload=True)``)."""
+  space = getattr(jax, "memory", None)
+  host = getattr(getattr(space, "Space", None), "Host", None)
+  if host is None:  # pragma: no cover - jax without memory spaces
+    return shardings
+  outs = jax.jit(tx.init).trace(params).jaxpr.out_avals
+  leaves, treedef = jax.tree.flatten(shardings)
+  if len(leaves) != len(outs):  # pragma: no cover - a QuantState of shardings keeps the fields
+    return shardings
+  return jax.tree.unflatten(treedef, [
+      s.with_memory_kind("pinned_host") if getattr(a, "memory_space", None) == host else s
+      for s, a in zip(leaves, outs)])
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardedTrainer:
   """A compiled sharded train step and the layout it works on (see :func:`make_train_step`).
@@ -121,7 +137,8 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation,
       ``jaxquant.nn.quantize_model`` and ``jaxquant.nn.add_lora``). Only its structure and
       shapes are read here; :meth:`ShardedTrainer.init` places its values.
     tx: the optimizer of the trainable variables (``optax.adamw``,
-      ``jaxquant.optim.adamw8bit`` ...).
+      ``jaxquant.optim.adamw8bit`` ...); state that ``tx.init`` puts in host memory
+      (``offload=True``, ``jaxquant.optim.offload_state``) stays there.
     loss_fn: ``(model, batch) -> scalar loss`` (mean over the global batch).
     mesh: e.g. ``make_mesh(data=2, fsdp=4)``.
     rules: :class:`PartitionRules` (default: base weights split over ``fsdp``, batch over
@@ -153,7 +170,8 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation,
                      model_plan.shapes, {})
   abstract_opt = jax.eval_shape(tx.init, params)
   opt_specs = plan(abstract_opt, mesh, rules, follow=params_plan).specs
-  shardings = TrainState(named_shardings(params_specs, mesh), named_shardings(opt_specs, mesh),
+  opt_shardings = _keep_host_state(tx, params, named_shardings(opt_specs, mesh))
+  shardings = TrainState(named_shardings(params_specs, mesh), opt_shardings,
                          named_shardings(frozen_specs, mesh))
 
   def init_fn(params, frozen):
