@@ -135,3 +135,16 @@ def test_offloaded_optimizer_state_stays_on_the_host(mesh):
   assert on_host(state.opt_state) >= 0.9 * total
   state, loss = trainer.step(state, trainer.place_batch(jnp.ones((8, 64))))
   assert np.isfinite(float(loss)) and on_host(state.opt_state) >= 0.9 * total
+
+
+def test_shard_state_keeps_host_offloaded_arrays_on_the_host(mesh):
+  if not jqoptim.host_memory_supported():
+    pytest.skip("no pinned_host memory on this backend")
+  params = {"w": jnp.ones((512, 64))}
+  opt = jqoptim.adamw8bit(1e-2, offload=True).init(params)
+  host = jqoptim.memory_kinds(opt)["pinned_host"]
+  placed = js.shard_state(opt, mesh, follow=params)
+  assert jqoptim.memory_kinds(placed).get("pinned_host", 0) == host
+  mu = [x for x in jax.tree.leaves(placed, is_leaf=lambda x: isinstance(x, jq.QuantState))
+        if isinstance(x, jq.QuantState)][0]
+  assert mu.data.sharding.spec == P("fsdp", None)  # still split like its parameter

@@ -40,10 +40,17 @@ def shard_state(tree: Any, mesh: Mesh, rules: PartitionRules | None = None, *,
     follow: the parameters (or their plan) when ``tree`` is their optimizer state.
 
   Returns:
-    The same structure with ``jax.Array`` leaves laid out on ``mesh``. Every QuantState's
+    The same structure with ``jax.Array`` leaves laid out on ``mesh``, each in the memory it
+    was in (host-offloaded optimizer state stays in ``pinned_host``). Every QuantState's
     arrays are split consistently (see :func:`jaxquant.sharding.quant_state_specs`).
   """
-  return jax.device_put(tree, state_shardings(tree, mesh, rules, follow=follow))
+  def keep_memory(x, s):
+    kind = getattr(getattr(x, "sharding", None), "memory_kind", None)
+    return s if kind is None or kind == s.memory_kind else s.with_memory_kind(kind)
+
+  shardings = jax.tree.map(keep_memory, tree,
+                           state_shardings(tree, mesh, rules, follow=follow))
+  return jax.device_put(tree, shardings)
 
 
 def model_shardings(model: nnx.Module, mesh: Mesh,
