@@ -66,6 +66,8 @@ def test_global_batch_rejects_rows_that_cannot_be_split(mesh, monkeypatch):
     js.global_batch(rows, mesh)
   with pytest.raises(ValueError, match=r"\['t'\].*scalar"):
     js.global_batch({"t": np.float32(1.0)}, mesh)
+  with pytest.raises(ValueError, match=r"batch_axes=\('tensor',\) split nothing"):
+    js.global_batch(rows, mesh, batch_axes=("tensor",))
 
 
 def test_train_step_with_lora_dropout_matches_single_device():

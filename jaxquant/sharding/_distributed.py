@@ -38,13 +38,18 @@ def global_batch(local: Any, mesh: Mesh, *,
     ``batch_axes`` as the train step expects.
 
   Raises:
-    ValueError: with several processes, a leaf that is a scalar or whose global leading size
-      does not divide over the batch axes (it cannot be assembled from per-process rows).
+    ValueError: with several processes, batch axes that split nothing, or a leaf that is a
+      scalar or whose global leading size does not divide over the batch axes (it cannot be
+      assembled from per-process rows).
   """
   if not isinstance(mesh, Mesh):
     raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
   processes = jax.process_count()
   shards = axis_size(mesh, batch_axes)
+  if processes > 1 and shards == 1:
+    raise ValueError(f"global_batch: batch_axes={batch_axes!r} split nothing on the mesh "
+                     f"{dict(mesh.shape)}; with several processes the batch must be split "
+                     "over axes that span them")
 
   def global_shape(path, x):
     shape = np.shape(x)
