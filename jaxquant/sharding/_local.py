@@ -54,7 +54,8 @@ def local_quant_state(state: QuantState, device: jax.Device) -> QuantState:
 
   Raises:
     ValueError: ``device`` holds no shard, or ``data`` and ``absmax`` are not split
-      consistently (e.g. a layout made by hand).
+      consistently (a layout made by hand, or a flat ``blockwise8`` state whose codes follow
+      their tensor while its scales, not splitting into whole blocks, are replicated).
   """
   if not isinstance(state, QuantState):
     raise TypeError(f"state must be a QuantState, got {type(state).__name__}")

@@ -190,12 +190,12 @@ def quant_state_specs(state: QuantState, spec: P, mesh: Mesh) -> tuple[QuantStat
     ok = only_first and state.size % (_size(mesh, first) * state.blocksize) == 0
     if any(t is not None for t in tensor) and not ok:
       notes.append(f"flat blocks of {state.blocksize}: {spec} does not split {shape} into whole "
-                   "blocks; kept whole")
+                   "blocks; scales replicated")
     absmax = P(first) if ok else P()
     if state.quant_type in FOUR_BIT_TYPES:
       data = absmax  # packed flat ((n + 1) // 2,)
     else:
-      data = P(*tensor) if ok else P()  # blockwise8 codes keep the tensor's shape
+      data = P(*tensor)  # blockwise8 codes keep the tensor's shape
   nested = _nested_spec(state, absmax, mesh, notes) if state.nested else None
   rep = P()
   specs = state.replace(
