@@ -109,7 +109,12 @@ class ShardedTrainer:
   wrt: Any = nnx.LoRAParam
 
   def init(self, model: nnx.Module) -> TrainState:
-    """Split ``model`` and place its variables and a fresh optimizer state on the mesh."""
+    """Split ``model`` and place its variables and a fresh optimizer state on the mesh.
+
+    Arrays of ``model`` that are already placed as the plan wants (a one-device mesh, or after
+    :func:`shard_model` with the same rules) are shared, not copied, and :attr:`step` donates
+    its input state: after the first step use :meth:`model` (``model``'s arrays are deleted).
+    """
     _, params, frozen = nnx.split(model, self.wrt, ...)
     return self.init_fn(params, frozen)
 
