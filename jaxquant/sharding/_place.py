@@ -17,6 +17,8 @@ from jaxquant.sharding._rules import PartitionRules
 __all__ = ["shard_state", "shard_model", "state_shardings", "per_device_bytes",
            "model_shardings"]
 
+_HOST_KINDS = ("pinned_host", "unpinned_host")
+
 
 def state_shardings(tree: Any, mesh: Mesh, rules: PartitionRules | None = None, *,
                     follow: Any = None) -> Any:
@@ -82,7 +84,8 @@ def per_device_bytes(tree: Any) -> dict[jax.Device, int]:
 
   A QuantState counts its codes, scales and codebooks. Replicated arrays count once per
   device, split ones by their shard: for quantized weights split over ``n`` devices this is
-  about ``total / n`` per device.
+  about ``total / n`` per device. Arrays in host memory (``pinned_host``: offloaded optimizer
+  state) are not in the device's memory and do not count.
   """
   out: dict[jax.Device, int] = collections.defaultdict(int)
   for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, QuantState)):
@@ -90,7 +93,7 @@ def per_device_bytes(tree: Any) -> dict[jax.Device, int]:
                                           "nested_code", "offset")]
               if isinstance(leaf, QuantState) else [leaf])
     for a in arrays:
-      if not isinstance(a, jax.Array):
+      if not isinstance(a, jax.Array) or a.sharding.memory_kind in _HOST_KINDS:
         continue
       for shard in a.addressable_shards:
         out[shard.device] += shard.data.nbytes
