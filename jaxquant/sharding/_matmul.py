@@ -161,6 +161,10 @@ def use_mesh(mesh: Mesh, rules: PartitionRules | None = None) -> Iterator[Mesh]:
   :func:`jaxquant.sharding.make_train_step` does). A function traced outside the context
   keeps its unpartitioned program.
 
+  The weight is taken to be laid out as ``rules`` place it by default (rows over
+  ``rules.fsdp``): a 4-bit weight that ``rules.overrides`` places otherwise (e.g. replicated)
+  is still correct, but is re-split and gathered again at every call.
+
   Example::
 
     mesh = make_mesh(data=1, fsdp=8)
