@@ -96,6 +96,8 @@ def test_bad_arguments_name_themselves(mesh):
     js.global_batch({"a": np.ones((8, 2))}, "mesh")
   with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
     js.batch_sharding(None)
+  with pytest.raises(ValueError, match=r"devices must be a flat sequence.*shape \(2, 4\)"):
+    js.make_mesh(data=2, fsdp=4, devices=np.asarray(jax.devices()).reshape(2, 4))
   with pytest.raises(ValueError, match="fsdp names a mesh axis twice"):
     js.PartitionRules(fsdp=("fsdp", "fsdp"))
   # an override pattern that also catches the bias: the error names the entry

@@ -48,6 +48,10 @@ def make_mesh(data: int | None = 1, fsdp: int | None = None, *,
   """
   _check_count("data", data)
   _check_count("fsdp", fsdp)
+  if devices is not None and np.ndim(np.asarray(devices, dtype=object)) != 1:
+    raise ValueError(f"devices must be a flat sequence of jax.Device, got an array of shape "
+                     f"{np.shape(np.asarray(devices, dtype=object))}; for a grid of your own, "
+                     "build jax.sharding.Mesh(grid, ('data', 'fsdp'))")
   devices = list(jax.devices() if devices is None else devices)
   if not devices:
     raise ValueError("devices must not be empty")
