@@ -24,17 +24,20 @@ This module computes the same byte arithmetically, in two steps:
    ``midpoint``); everywhere else the candidate is already the reference's byte.
 
 Negative values use the mirrored index of ``|x|`` (the signed map is symmetric but for 1.0),
-clamped below the code of 0.0.
-
-:func:`encode_fixed` computes the same bytes with fewer instructions (for kernels bound by
-instruction issue): the tables are indexed by the biased exponent itself (no clip), the constant
-``C`` carries ``+256`` so that ``t = y * A + C`` lies in ``[256, 512)``, where a float32 has 15
-fraction bits: ``t``'s bits give ``floor(u)`` with one shift and the distance of ``u`` to the
-nearest midpoint with one mask (``DELTA_FIXED``), and the exact tie-break runs through a
-``tie_break`` callback that a kernel can skip for tiles holding no value near a midpoint. The formula lands within ``1.3e-5`` code steps of the map's
+clamped below the code of 0.0. The formula lands within ``1.3e-5`` code steps of the map's
 midpoints and ``1.1e-7`` (relative) of its splits, far inside both bands. The tests check byte
 equality with the binary search on every midpoint and its float32 neighbours, every code,
 segment splits, powers of two and ten, zeros, subnormals, infinities, NaN and random values.
+
+:func:`encode_fixed` computes the same bytes with half the instructions (for kernels bound by
+instruction issue): the tables are indexed by the biased exponent itself (no clip), the constant
+``C`` carries ``+256`` so that ``t = y * A + C`` lies in ``[256, 512)``, where a float32 has 15
+fraction bits: ``t``'s bits give ``floor(u)`` with one shift and the distance of ``u`` to the
+nearest midpoint with one mask (band ``DELTA_FIXED``); segments split at the maps' own
+midpoints (``SPLIT_MIDPOINTS``), so no value is near a split; and the tie-break runs through a
+``tie_break`` callback that a kernel can skip for tiles holding no value near a midpoint. On
+every float32 in ``[0, 1]`` the candidate outside the band is the binary search's code (wrong
+candidates lie within ``0.52 * 2**-15`` of a midpoint; the band is ``4 * 2**-15``).
 """
 
 from __future__ import annotations
