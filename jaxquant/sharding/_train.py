@@ -12,6 +12,7 @@ reduces the adapters' gradients across the batch.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -26,6 +27,10 @@ from jaxquant.sharding._mesh import batch_sharding
 from jaxquant.sharding._rules import PartitionRules
 
 __all__ = ["TrainState", "ShardedTrainer", "make_train_step"]
+
+# nnx.merge(copy=True) makes fresh Variables (flax >= 0.12.8); without it, RNG state in the
+# frozen part (dropout) cannot advance inside the step.
+_MERGE_KW = {"copy": True} if "copy" in inspect.signature(nnx.merge).parameters else {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +193,7 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation,
   def step(state: TrainState, batch: Any) -> tuple[TrainState, jax.Array]:
     def loss_of(p):
       # copy: fresh Variables of this trace, so that dropout can advance its RNG counter
-      m = nnx.merge(graphdef, p, state.frozen, copy=True)
+      m = nnx.merge(graphdef, p, state.frozen, **_MERGE_KW)
       loss = loss_fn(m, batch)
       return loss, nnx.split(m, wrt, ...)[2]  # frozen, with advanced RNG counters (dropout)
     with use_mesh(mesh, rules):  # active while the step is traced
