@@ -319,9 +319,16 @@ def test_gpu_fused_optimizer_matches_reference_backend(name):
   assert "triton" in text.lower()  # the fused Pallas kernel, not the reference
 
 
-def test_nnx_optimizer_keeps_8bit_state_across_updates():
+@pytest.mark.parametrize("wrap", [
+    lambda tx: tx,
+    lambda tx: optax.MultiSteps(tx, every_k_schedule=2),
+    lambda tx: optax.apply_if_finite(tx, max_consecutive_errors=2),
+], ids=["plain", "MultiSteps", "apply_if_finite"])
+def test_nnx_optimizer_keeps_8bit_state_across_updates(wrap):
   """flax.nnx.Optimizer writes each QuantState moment back as a mapping of its arrays after
-  an update; the next update must rebuild it and follow the functional path exactly."""
+  an update; the next update must rebuild it and follow the functional path exactly, also
+  under wrappers that select between the old and the new inner state (MultiSteps'
+  accumulation, apply_if_finite), which need both in the same form."""
   from flax import nnx
 
   class Model(nnx.Module):
@@ -332,7 +339,7 @@ def test_nnx_optimizer_keeps_8bit_state_across_updates():
   loss = lambda m: jnp.mean(m.dense(x) ** 2)  # noqa: E731
   model = Model(nnx.Rngs(0))
   graphdef, params = nnx.split(Model(nnx.Rngs(0)), nnx.Param)   # a separate, equal copy
-  tx = jo.adamw8bit(1e-2)
+  tx = wrap(jo.adamw8bit(1e-2))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit

@@ -1,6 +1,6 @@
-"""jaxquant.optim as an Optax user wraps it: nnx.Optimizer under MultiSteps / apply_if_finite,
-inject_hyperparams of every alias, Optax's prefix masks, hyperparameter checks of the chained
-aliases, non-finite gradients."""
+"""jaxquant.optim as an Optax user wraps it: inject_hyperparams of every alias, Optax's prefix
+masks, hyperparameter checks of the chained aliases, non-finite gradients (nnx.Optimizer under
+MultiSteps / apply_if_finite: tests/test_optim.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import jaxquant.optim as jo
 from jaxquant import QuantState
@@ -39,51 +38,6 @@ def _run(tx, params, steps=3):
 def _same(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-# -- nnx.Optimizer under Optax wrappers ----------------------------------------------------------
-
-
-class _Net(nnx.Module):
-  def __init__(self, rngs):
-    self.dense = nnx.Linear(64, 128, rngs=rngs)  # 8192 weights: 8-bit moments; bias: float32
-
-
-_X = jax.random.normal(jax.random.key(1), (4, 64))
-
-
-def _loss(m):
-  return jnp.mean(m.dense(_X) ** 2)
-
-
-@pytest.mark.parametrize("wrap", [
-    lambda tx: optax.MultiSteps(tx, every_k_schedule=2),
-    lambda tx: optax.apply_if_finite(tx, max_consecutive_errors=2),
-], ids=["MultiSteps", "apply_if_finite"])
-def test_nnx_optimizer_with_state_selecting_wrappers(wrap):
-  """nnx.Optimizer hands the 8-bit moments back as mappings of their arrays after an update;
-  wrappers that select between the old and the new inner state (MultiSteps' accumulation,
-  apply_if_finite) need both in the same form, and the result must equal the functional path."""
-  model = _Net(nnx.Rngs(0))
-  graphdef, params = nnx.split(_Net(nnx.Rngs(0)), nnx.Param)
-  tx = wrap(jo.adamw8bit(1e-2))
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  @nnx.jit
-  def nnx_step(model, optimizer):
-    optimizer.update(model, nnx.grad(_loss)(model))
-
-  @jax.jit
-  def functional_step(params, opt_state):
-    grads = jax.grad(lambda p: _loss(nnx.merge(graphdef, p)))(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  opt_state = tx.init(params)
-  for _ in range(3):
-    nnx_step(model, optimizer)
-    params, opt_state = functional_step(params, opt_state)
-  _same(nnx.state(model, nnx.Param), params)
 
 
 # -- optax.inject_hyperparams ----------------------------------------------------------------
