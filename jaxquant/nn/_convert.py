@@ -9,7 +9,6 @@ import math
 from typing import Any, Iterable, Mapping
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxquant.nn import _common

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
