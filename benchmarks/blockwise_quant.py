@@ -31,9 +31,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 import jaxquant as jq
-from jaxquant import codebooks
 from benchmarks._timing import distinct_inputs, report_env, time_calls, time_interleaved
-from pallas_kernels.blockwise_quant import (_blockwise_8bit_kernel, _common,
+from pallas_kernels.blockwise_quant import (_common,
                                             _dequantize_4bit_kernel, _quantize_4bit_kernel)
 from pallas_kernels.blockwise_quant import api as blockwise_api
 from pallas_kernels.blockwise_quant import reference

@@ -87,7 +87,6 @@ def _loss(model, batch):
 
 def child(args) -> dict:
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
   from jax.sharding import PartitionSpec

@@ -37,7 +37,7 @@ In interpret mode the same arithmetic runs as jnp.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import jaxquant as jq
 from jaxquant import _dispatch
 from jaxquant.functional import int8_matmul, int8_weight_only_linear
-from pallas_kernels.int8_matmul import gemm, linear, quantize, reference, weight_only
+from pallas_kernels.int8_matmul import gemm, linear, reference, weight_only
 from tests.helpers import count_pallas_calls, rel_error
 
 M_VALUES = (1, 7, 64, 512)
