@@ -209,6 +209,16 @@ class _ScaledEmbed(nn.Embed):
     return super().__call__(ids) * 8.0
 
 
+def _linen_8bit_error(model: nn.Module, ids: jax.Array) -> float:
+  """Relative error of ``model`` run by ``quantized_apply`` on its LLM.int8() variables
+  against the float model."""
+  variables = model.init(jax.random.key(0), ids)
+  want = model.apply(variables, ids)
+  qvars = jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True))
+  got = jqnn.quantized_apply(model, qvars, ids)
+  return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+
+
 class _Subclassed(nn.Module):
   @nn.compact
   def __call__(self, ids):
@@ -219,12 +229,7 @@ class _Subclassed(nn.Module):
 def test_linen_subclass_overrides_still_run():
   """Converted nn.Dense / nn.Embed subclasses that override __call__ and call super() keep
   their own code (the interceptor replaced the whole override: the scales were lost)."""
-  model, ids = _Subclassed(), jnp.arange(8)[None]
-  variables = model.init(jax.random.key(0), ids)
-  want = model.apply(variables, ids)
-  qvars = jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True))
-  got = jqnn.quantized_apply(model, qvars, ids)
-  assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.05
+  assert _linen_8bit_error(_Subclassed(), jnp.arange(8)[None]) < 0.05
 
 
 @pytest.mark.parametrize("rngs", [nnx.Rngs(3), np.int64(3)], ids=["Rngs", "np.int64"])
@@ -375,12 +380,7 @@ class _ReadsTable(nn.Module):
 def test_linen_converted_embed_exposes_its_table():
   """Code reading nn.Embed's ``embedding`` attribute ran into AttributeError once the table
   was quantized; it now reads the dequantized table."""
-  model, ids = _ReadsTable(), jnp.arange(6)[None]
-  variables = model.init(jax.random.key(0), ids)
-  want = model.apply(variables, ids)
-  qvars = jqnn.quantize_model(variables, jqnn.QuantConfig(load_in_8bit=True))
-  got = jqnn.quantized_apply(model, qvars, ids)
-  assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.02
+  assert _linen_8bit_error(_ReadsTable(), jnp.arange(6)[None]) < 0.02
 
 
 def test_save_lora_of_the_bare_linen_collection_says_what_to_pass(tmp_path):
