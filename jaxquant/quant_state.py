@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-__all__ = ["QuantState", "QUANT_TYPES", "FOUR_BIT_TYPES"]
+__all__ = ["QuantState", "QUANT_TYPES", "FOUR_BIT_TYPES", "ARRAY_FIELDS"]
 
 FOUR_BIT_TYPES = ("nf4", "fp4")
 # blockwise8: 8-bit codes into a 256-entry codebook, per-block absmax.
@@ -176,18 +176,19 @@ class QuantState:
     return f"QuantState({', '.join(parts)})"
 
 
-_ARRAY_FIELDS = ("data", "absmax", "code", "nested_absmax", "nested_code", "offset")
+#: The array (pytree child) fields of a QuantState, in order.
+ARRAY_FIELDS = ("data", "absmax", "code", "nested_absmax", "nested_code", "offset")
 
 jax.tree_util.register_dataclass(
     QuantState,
-    data_fields=list(_ARRAY_FIELDS),
+    data_fields=list(ARRAY_FIELDS),
     meta_fields=["shape", "dtype", "blocksize", "quant_type", "nested_blocksize"],
 )
 
 
 def _to_state_dict(state: QuantState) -> dict[str, Any]:
   """``flax.serialization`` form: the arrays that are present, by field name."""
-  return {f: serialization.to_state_dict(getattr(state, f)) for f in _ARRAY_FIELDS
+  return {f: serialization.to_state_dict(getattr(state, f)) for f in ARRAY_FIELDS
           if getattr(state, f) is not None}
 
 
@@ -198,7 +199,7 @@ def _from_state_dict(target: QuantState, state: dict[str, Any]) -> QuantState:
     ValueError: a field present in one of ``target`` and ``state`` but not the other, or
       arrays that disagree with the target's shape, dtype, blocksize or quant type.
   """
-  want = {f for f in _ARRAY_FIELDS if getattr(target, f) is not None}
+  want = {f for f in ARRAY_FIELDS if getattr(target, f) is not None}
   if set(state) != want:
     raise ValueError(f"a serialized {target.quant_type} QuantState of shape {target.shape} must "
                      f"hold the arrays {sorted(want)}, got {sorted(state)}")

@@ -28,11 +28,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxquant.quant_state import QuantState
+from jaxquant.quant_state import ARRAY_FIELDS as QS_FIELDS, QuantState
 
 FORMAT = "jaxquant.checkpoint"
 FORMAT_VERSION = 1
-QS_FIELDS = ("data", "absmax", "code", "nested_absmax", "nested_code", "offset")
 QS_STATIC = ("shape", "dtype", "blocksize", "quant_type", "nested_blocksize")
 SCALAR_TYPES = (bool, int, float)
 

@@ -24,11 +24,10 @@ from flax import nnx
 
 from jaxquant import functional as F
 from jaxquant.interop._names import NameMap, NameRules, resolve_name_map
-from jaxquant.quant_state import FOUR_BIT_TYPES, QuantState
+from jaxquant.quant_state import ARRAY_FIELDS, FOUR_BIT_TYPES, QuantState
 
 __all__ = ["load_into", "state_dict", "model_paths"]
 
-QS_ARRAY_FIELDS = ("data", "absmax", "code", "nested_absmax", "nested_code", "offset")
 
 
 def _is_leaf(x: Any) -> bool:
@@ -116,7 +115,7 @@ def _to_quant_slot(head: str, value: Any, like: QuantState, cast: bool, convert:
     raise ValueError(f"{head} is {_describe(value)} but the model holds {_describe(like)} "
                      f"({', '.join(diff)} differ); build the layer with the checkpoint's "
                      "quantization settings (quant_type, blocksize, double_quant)")
-  for f in QS_ARRAY_FIELDS:
+  for f in ARRAY_FIELDS:
     a, b = getattr(value, f), getattr(like, f)
     if (a is None) != (b is None) or (a is not None and (
         tuple(a.shape) != tuple(b.shape) or jnp.dtype(a.dtype) != jnp.dtype(b.dtype))):
@@ -129,7 +128,7 @@ def _to_quant_slot(head: str, value: Any, like: QuantState, cast: bool, convert:
                        f"{like.dtype.name}; pass cast=True to take the model's dtype")
     value = value.replace(dtype=like.dtype)
   return value.replace(**{f: _place(getattr(value, f), getattr(like, f))
-                          for f in QS_ARRAY_FIELDS if getattr(value, f) is not None})
+                          for f in ARRAY_FIELDS if getattr(value, f) is not None})
 
 
 def _to_float_slot(head: str, path: str, value: Any, like: Any, cast: bool, convert: bool,

@@ -24,7 +24,7 @@ from jaxquant import _dispatch
 from jaxquant.functional import _matmul
 from jaxquant.functional._cotangent import zeros_cotangent
 from jaxquant.functional._fourbit import check_4bit_state, nested_of
-from jaxquant.quant_state import QuantState
+from jaxquant.quant_state import ARRAY_FIELDS, QuantState
 from jaxquant.sharding._mesh import axis_size, batch_spec, present_axes
 from jaxquant.sharding._rules import PartitionRules, quant_state_specs, row_spec
 
@@ -63,7 +63,7 @@ def gather_state(local: QuantState, specs: QuantState) -> QuantState:
   """Inside ``shard_map``: the whole QuantState from this device's shard (``all_gather`` of
   every split array along its split dimensions)."""
   arrays = {}
-  for f in ("data", "absmax", "code", "nested_absmax", "nested_code", "offset"):
+  for f in ARRAY_FIELDS:
     a, s = getattr(local, f), getattr(specs, f)
     arrays[f] = a if a is None or s is None else _gather(a, s)
   return local.replace(**arrays)

@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxquant.quant_state import QuantState
+from jaxquant.quant_state import ARRAY_FIELDS, QuantState
 from jaxquant.sharding._infer import Plan, named_shardings, plan
 from jaxquant.sharding._rules import PartitionRules
 
@@ -89,9 +89,8 @@ def per_device_bytes(tree: Any) -> dict[jax.Device, int]:
   """
   out: dict[jax.Device, int] = collections.defaultdict(int)
   for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, QuantState)):
-    arrays = ([getattr(leaf, f) for f in ("data", "absmax", "code", "nested_absmax",
-                                          "nested_code", "offset")]
-              if isinstance(leaf, QuantState) else [leaf])
+    arrays = ([getattr(leaf, f) for f in ARRAY_FIELDS] if isinstance(leaf, QuantState)
+              else [leaf])
     for a in arrays:
       if not isinstance(a, jax.Array) or a.sharding.memory_kind in _HOST_KINDS:
         continue
