@@ -71,10 +71,8 @@ def check_finite(name: str, x: Any) -> None:
   and code 0 for the NaN elements, as bitsandbytes' CUDA kernels produce."""
   if not is_concrete(x):
     return
-  if isinstance(x, jax.Array):
-    with jax.ensure_compile_time_eval():  # a constant under an outer jit: still a value
-      if bool(jnp.all(jnp.isfinite(x))):
-        return  # checked where the array lives: only a bool comes to the host
+  if isinstance(x, jax.Array) and all_finite(x):
+    return  # checked where the array lives: only a bool comes to the host
   arr = np.asarray(jax.device_get(x)).astype(np.float32)
   bad = ~np.isfinite(arr)
   if bad.any():
@@ -83,3 +81,32 @@ def check_finite(name: str, x: Any) -> None:
         f"{name} contains {int(bad.sum())} non-finite value(s) (first at index {first}: "
         f"{arr[first]}); quantization needs finite values"
     )
+
+
+def all_finite(x: Any) -> bool:
+  """Whether a concrete array (a constant under an outer ``jit`` counts) holds only finite
+  values: one reduction where the array lives, only the verdict comes to the host."""
+  with jax.ensure_compile_time_eval():
+    return bool(_all_finite(x))
+
+
+def check_float16_range(name: str, w: Any) -> None:
+  """Outside ``jit``: LLM.int8() weights are quantized from float16, as bitsandbytes does;
+  refuse ``|w| > 65504``."""
+  if not is_concrete(w):
+    return
+  with jax.ensure_compile_time_eval():
+    big = float(_abs_max(w))
+  if big > 65504.0:
+    raise ValueError(f"{name} has |values| up to {big}, beyond float16's range (65504) that "
+                     "LLM.int8() weights are quantized from")
+
+
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+  return jnp.all(jnp.isfinite(x))
+
+
+@jax.jit
+def _abs_max(w: jax.Array) -> jax.Array:
+  return jnp.max(jnp.abs(w.astype(jnp.float32)))

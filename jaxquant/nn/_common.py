@@ -67,17 +67,8 @@ def check_4bit_layer(layer: str, in_features: int, *, quant_type: str, blocksize
 def check_finite(name: str, w: jax.Array) -> None:
   """Outside ``jit``: reject a weight holding NaN/Inf (one reduction on the device, only the
   verdict comes back), naming the layer."""
-  if not _validate.is_concrete(w):
-    return
-  with jax.ensure_compile_time_eval():  # a constant under an outer jit: still a value
-    finite = bool(_all_finite(w))
-  if not finite:
+  if _validate.is_concrete(w) and not _validate.all_finite(w):
     raise ValueError(f"{name} holds NaN or Inf values; quantization needs finite weights")
-
-
-@jax.jit
-def _all_finite(w: jax.Array) -> jax.Array:
-  return jnp.all(jnp.isfinite(w))
 
 
 # Conversion runs one compiled program per (shape, dtype, settings) of the torch-layout
@@ -129,17 +120,7 @@ def quantize_table(table: jax.Array, *, bits: int, quant_type: str = "fp4",
 def _check_fp16_range(name: str, w: jax.Array) -> None:
   """LLM.int8() weights are quantized from float16, as bitsandbytes does."""
   check_finite(name, w)
-  if _validate.is_concrete(w):
-    with jax.ensure_compile_time_eval():
-      big = float(_absmax(w))
-    if big > 65504.0:
-      raise ValueError(f"{name} has |values| up to {big}, beyond float16's range (65504) that "
-                       "LLM.int8() weights are quantized from")
-
-
-@jax.jit
-def _absmax(w: jax.Array) -> jax.Array:
-  return jnp.max(jnp.abs(w.astype(jnp.float32)))
+  _validate.check_float16_range(name, w)
 
 
 def requantize_like(state: QuantState, w: jax.Array, *, kernel: bool) -> QuantState:
