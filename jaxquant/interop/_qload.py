@@ -193,7 +193,7 @@ def quantize_on_load(path: str | os.PathLike, *, quant_type: str = "nf4", blocks
     dt = _safetensors.np_dtype(st_dtype)
     if not should_quantize(name, shape, dt):
       a = src.read(name)
-      floating = a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+      floating = jnp.issubdtype(a.dtype, jnp.floating)  # bfloat16 included
       return put(a.astype(cast) if cast is not None and floating else a)
     _validate.check_array(name, jax.ShapeDtypeStruct(shape, dt))
     by_rows = (len(shape) == 2 and math.prod(shape) > CHUNK_ELEMENTS

@@ -30,8 +30,8 @@ import optax
 
 from jaxquant import _dispatch
 from jaxquant.optim import _clipping, _config, _offload, _state
-import pallas_kernels
 from jaxquant.quant_state import QuantState
+import pallas_kernels
 from pallas_kernels.optim_update import families
 
 __all__ = ["Spec", "Optimizer8bit", "build", "update_and_apply", "NO_PARAMS_MSG"]
