@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import numbers
 
@@ -14,7 +15,14 @@ from jaxquant.functional._cotangent import bias_cotangent, zeros_cotangent
 from jaxquant.quant_state import QuantState
 from pallas_kernels.int8_matmul import reference
 
-__all__ = ["int8_vectorwise_quant", "int8_vectorwise_dequant", "quantize_int8", "int8_linear"]
+__all__ = ["int8_vectorwise_quant", "int8_vectorwise_dequant", "quantize_int8", "int8_linear",
+           "PARTITIONED"]
+
+#: Set by :mod:`jaxquant.sharding` while a mesh is in use: ``fn(x, state, bias, threshold,
+#: backend)`` that runs the LLM.int8() linear per shard (``shard_map``), since XLA cannot
+#: partition a Pallas custom call. ``None``: one program over the arrays as they are.
+PARTITIONED: contextvars.ContextVar = contextvars.ContextVar("jaxquant_partitioned_int8_linear",
+                                                             default=None)
 
 
 def _check_threshold(threshold: float) -> float:
@@ -123,7 +131,11 @@ def int8_linear(x: ArrayLike, state: QuantState, bias: ArrayLike | None = None,
   check_linear_args(x, state, bias)
   if x.size == 0:  # no rows: an empty result, as jnp.dot (and bnb's MatMul8bitLt)
     return jnp.zeros((*x.shape[:-1], state.shape[0]), x.dtype)
-  return _int8_linear(x, state, bias, _check_threshold(threshold), backend)
+  threshold = _check_threshold(threshold)
+  partitioned = PARTITIONED.get()
+  if partitioned is not None:
+    return partitioned(x, state, bias, threshold, backend)
+  return _int8_linear(x, state, bias, threshold, backend)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 
 import jax
@@ -21,7 +22,13 @@ from jaxquant.functional._cotangent import bias_cotangent, zeros_cotangent
 from jaxquant.functional._int8 import check_int8_state, check_linear_args
 from jaxquant.quant_state import QuantState
 
-__all__ = ["int8_matmul", "int8_weight_only_linear"]
+__all__ = ["int8_matmul", "int8_weight_only_linear", "PARTITIONED"]
+
+#: Set by :mod:`jaxquant.sharding` while a mesh is in use: ``fn(x, state, bias, backend)``
+#: that runs the weight-only int8 linear per shard (``shard_map``), since XLA cannot partition
+#: a Pallas custom call. ``None``: one program over the arrays as they are.
+PARTITIONED: contextvars.ContextVar = contextvars.ContextVar(
+    "jaxquant_partitioned_int8_weight_only_linear", default=None)
 
 
 def int8_matmul(a_q: ArrayLike, a_stats: ArrayLike, state: QuantState,
@@ -84,6 +91,9 @@ def int8_weight_only_linear(x: ArrayLike, state: QuantState, bias: ArrayLike | N
   check_linear_args(x, state, bias)
   if x.size == 0:  # no rows: an empty result, as jnp.dot
     return jnp.zeros((*x.shape[:-1], state.shape[0]), x.dtype)
+  partitioned = PARTITIONED.get()
+  if partitioned is not None:
+    return partitioned(x, state, bias, backend)
   return _weight_only(x, state, bias, backend)
 
 

@@ -7,8 +7,11 @@
   following its parameters.
 - :func:`shard_model` / :func:`shard_state` place a model or any state tree;
   :func:`per_device_bytes` says what each device holds.
-- :func:`use_mesh` / :func:`sharded_matmul_4bit` run the 4-bit matmul (Pallas kernel or jnp
-  reference) per shard through ``shard_map``.
+- :func:`use_mesh` runs every quantized linear per shard through ``shard_map`` (XLA cannot
+  partition a Pallas custom call): the 4-bit matmul (:func:`sharded_matmul_4bit`) and the
+  int8 ones (LLM.int8() ``int8_linear``, ``int8_weight_only_linear``; every ``Linear8bitLt``
+  / ``Dense8bitLt``), each device gathering the quantized weight rows (never a dequantized
+  copy) and multiplying its own slice of the batch.
 - :func:`make_train_step` builds the sharded (Q)LoRA step (data x FSDP, one ``jax.jit`` with
   explicit in/out shardings); :func:`global_batch` assembles a batch from each process's rows
   when several hosts run it (after ``jax.distributed.initialize``).
@@ -19,7 +22,6 @@ from jaxquant.sharding._infer import Plan as Plan
 from jaxquant.sharding._infer import named_shardings as named_shardings
 from jaxquant.sharding._infer import partition_specs as partition_specs
 from jaxquant.sharding._infer import plan as plan
-from jaxquant.sharding._matmul import gather_state as gather_state
 from jaxquant.sharding._matmul import sharded_matmul_4bit as sharded_matmul_4bit
 from jaxquant.sharding._matmul import use_mesh as use_mesh
 from jaxquant.sharding._local import local_quant_state as local_quant_state
@@ -27,6 +29,7 @@ from jaxquant.sharding._mesh import DATA as DATA
 from jaxquant.sharding._mesh import FSDP as FSDP
 from jaxquant.sharding._mesh import batch_sharding as batch_sharding
 from jaxquant.sharding._mesh import make_mesh as make_mesh
+from jaxquant.sharding._per_shard import gather_state as gather_state
 from jaxquant.sharding._place import model_shardings as model_shardings
 from jaxquant.sharding._place import per_device_bytes as per_device_bytes
 from jaxquant.sharding._place import shard_model as shard_model
