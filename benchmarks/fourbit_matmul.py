@@ -18,10 +18,10 @@ Usage (on the GPU)::
 only some shapes and keeps the shipped table's other entries, ``--max-candidates N`` tries
 only the first N candidates of each shape. The committed results came from, on one H100
 (2026-11-23): ``results/fourbit_matmul_sweep1.json`` (first sweep, ``--tune --ms
-1,16,128,512 --skip-w2``, a longer candidate list), ``results/fourbit_matmul.json`` and the
-W1 plot (``--tune``, all shapes and W2; its M = 1 row used the superseded grouped GEMV
-step) and ``results/fourbit_matmul_m1.json`` (``--tune --ms 1 --skip-w2 --max-candidates 2``,
-the shipped GEMV step).
+1,16,128,512 --skip-w2``, a longer candidate list), ``results/fourbit_matmul_m1.json``
+(``--tune --ms 1 --skip-w2 --max-candidates 2``, the shipped GEMV step), and
+``results/fourbit_matmul.json`` with the W1 plot (no options: the shipped tuning table, all
+shapes and W2). ``benchmarks/fourbit_profile.py`` shows the kernels behind each figure.
 """
 
 from __future__ import annotations
@@ -114,6 +114,17 @@ def rel_error(out, ref) -> float:
 def floor_us(m: int, passes: int = 1, weight_bytes: float = N * K * (0.5 + 1 / 64)) -> float:
   bytes_moved = passes * (weight_bytes + 2 * m * K + 2 * m * N)
   return max(bytes_moved / (HBM_TBS * 1e6), passes * 2 * m * N * K / (BF16_TFLOPS * 1e6))
+
+
+def fwd_bwd_program(layer):
+  """A jitted program running ``layer`` forward and backward to the input over each weight."""
+  def run(x, dy, ws):
+    outs = []
+    for w in ws:
+      y, vjp = jax.vjp(lambda x, w=w: layer(x, w), x)
+      outs += [y, vjp(dy)[0]]
+    return outs
+  return jax.jit(run)
 
 
 def setup():
@@ -241,20 +252,11 @@ def main(argv=None) -> int:
     if in_place:
       result["w2_grad_in_place_best_us"] = min(r["us"] for r in in_place)
 
-  def fwd_bwd(layer):
-    def run(x, dy, ws):
-      outs = []
-      for w in ws:
-        y, vjp = jax.vjp(lambda x, w=w: layer(x, w), x)
-        outs += [y, vjp(dy)[0]]
-      return outs
-    return jax.jit(run)
-
-  w2 = dict(bf16_us=time_layers(fwd_bwd(lambda x, w: x @ w.T), x, dy, dense),
-            naive_us=time_layers(fwd_bwd(
+  w2 = dict(bf16_us=time_layers(fwd_bwd_program(lambda x, w: x @ w.T), x, dy, dense),
+            naive_us=time_layers(fwd_bwd_program(
                 lambda x, s: x @ jq.dequantize_4bit(s, jnp.bfloat16, backend="xla").T),
                 x, dy, states),
-            jaxquant_us=time_layers(fwd_bwd(jq.matmul_4bit), x, dy, states),
+            jaxquant_us=time_layers(fwd_bwd_program(jq.matmul_4bit), x, dy, states),
             floor_us=floor_us(m, passes=2),
             grad_config=_tuning.grad_config(m, N, K, 64, jnp.bfloat16).to_json())
   w2["ratio_to_bf16"] = w2["jaxquant_us"] / w2["bf16_us"]

@@ -12,7 +12,6 @@ order XLA gave the copies can be read beside the times they took.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -21,34 +20,9 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._trace import gpu_events, kind_of  # noqa: E402
 from benchmarks.optim_step import _block, _params  # noqa: E402
 import jaxquant.optim as jo  # noqa: E402
-
-
-def _gpu_events(trace_dir: str) -> list[dict]:
-  """Every event on the GPU planes of the trace: ``{stream, name, start_ms, dur_ms}``."""
-  path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
-  data = jax.profiler.ProfileData.from_file(path)
-  events = []
-  for plane in data.planes:
-    if not plane.name.startswith("/device:GPU"):
-      continue
-    for line in plane.lines:
-      for ev in line.events:
-        events.append({"stream": f"{plane.name}:{line.name}", "name": ev.name,
-                       "start_ms": ev.start_ns / 1e6, "dur_ms": ev.duration_ns / 1e6})
-  return events
-
-
-def _kind(name: str) -> str:
-  low = name.lower()
-  if "htod" in low or "h2d" in low or "host to device" in low or "memcpyh2d" in low:
-    return "h2d"
-  if "dtoh" in low or "d2h" in low or "device to host" in low or "memcpyd2h" in low:
-    return "d2h"
-  if "memcpy" in low or "memset" in low:
-    return "other-copy"
-  return "kernel"
 
 
 def main() -> None:
@@ -77,7 +51,7 @@ def main() -> None:
       params, state = compiled(params, grads, state)
       _block((params, state))
 
-  events = sorted(_gpu_events(trace_dir), key=lambda e: e["start_ms"])
+  events = gpu_events(trace_dir)
   if not events:
     raise SystemExit("no GPU events in the trace")
   # The last step: events after the largest gap between consecutive events' starts.
@@ -92,7 +66,7 @@ def main() -> None:
   per_kind: dict[str, list[float]] = {}
   for e in last:
     busy[e["stream"]] = busy.get(e["stream"], 0.0) + e["dur_ms"]
-    k = _kind(e["name"])
+    k = kind_of(e["name"])
     span = per_kind.setdefault(k, [1e30, -1e30, 0.0, 0])
     span[0] = min(span[0], e["start_ms"] - t0)
     span[1] = max(span[1], e["start_ms"] + e["dur_ms"] - t0)
@@ -104,7 +78,7 @@ def main() -> None:
     print(f"  {k}: {n} events, first start {a:.2f}, last end {b:.2f}, summed {total:.2f} ms")
   for e in last:
     if e["dur_ms"] > 0.05:
-      print(f"  {e['start_ms'] - t0:8.3f} +{e['dur_ms']:7.3f}  {_kind(e['name']):10s} "
+      print(f"  {e['start_ms'] - t0:8.3f} +{e['dur_ms']:7.3f}  {kind_of(e['name']):10s} "
             f"{e['stream'][-24:]:24s} {e['name'][:70]}")
   with open(os.path.join(args.out, "last_step_events.json"), "w") as f:
     json.dump([dict(e, start_ms=e["start_ms"] - t0) for e in last], f)
