@@ -64,10 +64,14 @@ CASES = [
     Case((16,), 72, 512, 256, "nf4", True, jnp.bfloat16, False,
          Config("gemv", block_n=16, block_k=512),
          Config("dq_dot", block_n=16, block_k=256)),
-    # dequantize-then-dot in 16 bits with a bias: the dot's result is already in x.dtype
+    # dequantize-then-dot in 16 bits with a bias: the dot's result is already in x.dtype; a
+    # long float16 K (the library GEMM must still accumulate in float32)
     Case((5,), 96, 128, 64, "nf4", True, jnp.bfloat16, True,
          Config("dq_dot", block_n=32, block_k=64),
          Config("dq_dot", block_n=32, block_k=128)),
+    Case((8,), 32, 4096, 64, "fp4", False, jnp.float16, False,
+         Config("dq_dot", block_n=32, block_k=512),
+         Config("dq_dot", block_n=32, block_k=512)),
     # even/odd pair decode (_pairs): fused GEMV (one and several rows, split-K) and tiles
     Case((1,), 200, 320, 64, "nf4", True, jnp.bfloat16, True,
          Config("gemv", block_n=64, block_k=64, pairs=True, x_reuse=True),
