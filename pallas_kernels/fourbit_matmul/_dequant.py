@@ -70,10 +70,13 @@ def dequantize_then_dot(x: jax.Array, weights: tuple[jax.Array, ...], bias: jax.
   (arguments as :func:`dequantize`, ``bias``: ``(n,)`` or ``None``)."""
   w = dequantize(weights, x.dtype, layout=layout, config=config, interpret=interpret,
                  poison=poison)
-  y = _dot(x, w, ((1,), (1,)))
-  if bias is not None:  # in x.dtype, as torch's linear: XLA folds it into the dot's epilogue
-    y = y + bias.astype(x.dtype)[None, :]
-  return y
+  if bias is None:
+    return _dot(x, w, ((1,), (1,)), x.dtype)
+  # The bias joins the float32 product before its one rounding to x.dtype, as in the reference
+  # and the fused kernels (added after a 16-bit result, it would leave up to one 16-bit ulp of
+  # the product where the bias cancels it). This keeps the pass over the float32 (m, n).
+  y = _dot(x, w, ((1,), (1,)), jnp.float32) + bias.astype(jnp.float32)[None, :]
+  return y.astype(x.dtype)
 
 
 def dequantize_then_dot_grad(g: jax.Array, weights: tuple[jax.Array, ...], *,
@@ -82,14 +85,16 @@ def dequantize_then_dot_grad(g: jax.Array, weights: tuple[jax.Array, ...], *,
   """``g (m, n) @ W (n, k)`` in ``g.dtype`` through a decoded weight (as :func:`dequantize`)."""
   w = dequantize(weights, g.dtype, layout=layout, config=config, interpret=interpret,
                  poison=poison)
-  return _dot(g, w, ((1,), (0,)))
+  return _dot(g, w, ((1,), (0,)), g.dtype)
 
 
-def _dot(a: jax.Array, w: jax.Array, contracting: tuple[tuple[int], tuple[int]]) -> jax.Array:
-  """``a`` times the decoded ``w`` with float32 accumulation, the result in ``a.dtype`` straight
-  from the dot, as ``jnp.matmul`` of two 16-bit arrays gives it. (A float32 result converted
-  afterwards costs a pass over ``(m, n)`` float32 where XLA does not fuse the conversion into
-  the library GEMM: 62 µs per 8192² layer at M = 4096 on an H100, ``fourbit_profile.py``.)"""
+def _dot(a: jax.Array, w: jax.Array, contracting: tuple[tuple[int], tuple[int]],
+         out_dtype) -> jax.Array:
+  """``a`` times the decoded ``w`` with float32 accumulation, the result in ``out_dtype``
+  straight from the dot (``a.dtype``: as ``jnp.matmul`` of two 16-bit arrays gives it; a
+  float32 result converted afterwards costs a pass over ``(m, n)`` float32 where XLA does not
+  fuse the conversion into the library GEMM: 62 µs per 8192² layer at M = 4096 on an H100,
+  ``fourbit_profile.py``)."""
   return jax.lax.dot_general(a, w, (contracting, ((), ())),
                              precision=_decode.dot_precision(a.dtype),
-                             preferred_element_type=a.dtype)
+                             preferred_element_type=out_dtype)

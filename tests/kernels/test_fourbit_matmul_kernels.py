@@ -18,7 +18,7 @@ import pytest
 import jaxquant as jq
 from jaxquant import _dispatch
 from jaxquant.functional._fourbit import nested_of
-from pallas_kernels.fourbit_matmul import _tuning, api, reference
+from pallas_kernels.fourbit_matmul import _decode, _dequant, _tuning, api, reference
 from pallas_kernels.fourbit_matmul._tuning import Config
 from tests.helpers import count_pallas_calls
 
@@ -155,6 +155,32 @@ def test_gradients_through_matmul_4bit_interpret(case):
   np.testing.assert_allclose(float(val), float(ref_val), rtol=tol, atol=tol * x.size ** 0.5)
   _assert_close(dx, ref_dx, case.dtype)
   _assert_close(db, ref_db, case.dtype)
+
+
+@pytest.mark.parametrize("config", [Config("dq_dot", block_n=32, block_k=64),
+                                    Config("gemm", block_m=16, block_n=32, block_k=64,
+                                           split_k=2),
+                                    Config("gemv", block_n=32, block_k=64)],
+                         ids=["dq_dot", "gemm-split", "gemv"])
+def test_bias_joins_the_product_before_rounding_interpret(config):
+  # A bias that cancels the product leaves a small output: rounded once (float32 product +
+  # bias, then bf16) it is within a bf16 ulp of the exact value; a 16-bit product rounded
+  # before the bias is added would be off by up to an ulp of the (much larger) product.
+  rng = np.random.default_rng(5)
+  state = jq.quantize_4bit(rng.standard_normal((64, 128)).astype(np.float32), 64, False, "nf4",
+                           backend="xla")
+  arrays, wkw = _weight(state)
+  x = jnp.asarray(rng.standard_normal((1, 128)), jnp.bfloat16)
+  layout = api._layout(state.shape, 64, None, 64)
+  weights = _decode.operands(*arrays, None, layout, x.dtype)
+  w = np.asarray(_dequant.dequantize(weights, x.dtype, layout=layout, config=Config(
+      "dq_dot", block_n=32, block_k=64), interpret=True), np.float64)  # the kernels' decode
+  product = np.asarray(x, np.float64) @ w.T
+  bias = jnp.asarray(0.3 - product[0], jnp.bfloat16)
+  exact = product + np.asarray(bias, np.float64)
+  assert np.abs(product).max() > 8 and np.abs(exact).max() < 1
+  y = api.matmul_4bit(x, *arrays, bias, config=config, interpret=True, **wkw)
+  np.testing.assert_allclose(np.asarray(y, np.float64), exact, rtol=2**-8, atol=1e-4)
 
 
 def test_unsupported_shapes_fall_back_to_reference():
