@@ -64,8 +64,8 @@ CASES = [
     Case((16,), 72, 512, 256, "nf4", True, jnp.bfloat16, False,
          Config("gemv", block_n=16, block_k=512),
          Config("dq_dot", block_n=16, block_k=256)),
-    # dequantize-then-dot in 16 bits with a bias: the dot's result is already in x.dtype; a
-    # long float16 K (the library GEMM must still accumulate in float32)
+    # dequantize-then-dot in 16 bits with a bias (float32 product + bias, one rounding); a
+    # long float16 K without (the dot returns x.dtype: the GEMM must still accumulate in float32)
     Case((5,), 96, 128, 64, "nf4", True, jnp.bfloat16, True,
          Config("dq_dot", block_n=32, block_k=64),
          Config("dq_dot", block_n=32, block_k=128)),
