@@ -4,7 +4,8 @@ Traces a few steps with ``jax.profiler``, reads the trace back with ``jax.profil
 and prints, per GPU stream, the events of the last step (start and duration in ms from the
 step's first event, kernel or copy name), each stream's busy time, and how long each link
 direction and the kernels ran. The scheduled HLO of the step goes next to the trace, so the
-order XLA gave the copies can be read beside the times they took.
+order XLA gave the copies can be read beside the times they took. The last step's events go
+to ``<out>/offload_timeline.json`` (committed as ``results/offload_timeline.json``).
 
 ``python benchmarks/offload_timeline.py [--leaves 16] [--dim 8192] [--out DIR]`` (GPU only).
 """
@@ -80,7 +81,7 @@ def main() -> None:
     if e["dur_ms"] > 0.05:
       print(f"  {e['start_ms'] - t0:8.3f} +{e['dur_ms']:7.3f}  {kind_of(e['name']):10s} "
             f"{e['stream'][-24:]:24s} {e['name'][:70]}")
-  with open(os.path.join(args.out, "last_step_events.json"), "w") as f:
+  with open(os.path.join(args.out, "offload_timeline.json"), "w") as f:
     json.dump([dict(e, start_ms=e["start_ms"] - t0) for e in last], f)
 
 
