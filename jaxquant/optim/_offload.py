@@ -14,7 +14,7 @@ and leaf ``i - 1``'s copy out (double buffering). Measured on an H100 (jax 0.11.
 ``benchmarks/optim_step.py``, 16 leaves of 8192^2): XLA stages 274 MB of state on the device
 during the step (two leaves' worth; the whole 2.18 GB when the copies were of each leaf's
 blocked views) and the step takes 1.8x the one-way host-link time (2.09x before; without the
-barriers 4-13% slower than with them); both directions at once take 1.2x, the bound for any
+barriers 4-14% slower than with them); both directions at once take 1.2x, the bound for any
 schedule of these copies. ``benchmarks/offload_timeline.py`` shows why: XLA's GPU scheduler keeps
 about two copies in flight and issues a leaf's copies in and out mostly one after the other.
 
