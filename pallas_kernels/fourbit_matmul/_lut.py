@@ -14,7 +14,9 @@ inline-PTX block decodes four packed bytes (eight weights) with ``prmt`` byte pe
 3. each word is multiplied by the block's absmax, rounded to the dtype (``mul.rn``).
 
 So a weight is ``dtype(dtype(code[q]) * dtype(absmax))``; the reference rounds once,
-``dtype(code[q] * absmax)``; the extra roundings are below the dtype's precision. About 30
+``dtype(code[q] * absmax)``: the two extra roundings can move a weight by one unit in the last
+place of ``dtype`` (e.g. 2**-6 for a bf16 weight near 2), errors of the size the product with
+16-bit activations makes anyway, within the kernel tests' tolerances. About 30
 instructions per eight weights, all in registers. In interpret mode the same arithmetic runs
 as jnp (the interpreter cannot run PTX).
 """
