@@ -19,9 +19,10 @@ only some shapes and keeps the shipped table's other entries, ``--max-candidates
 only the first N candidates of each shape. The committed results came from, on one H100
 (2026-11-23): ``results/fourbit_matmul_sweep1.json`` (first sweep, ``--tune --ms
 1,16,128,512 --skip-w2``, a longer candidate list), ``results/fourbit_matmul_m1.json``
-(``--tune --ms 1 --skip-w2 --max-candidates 2``, the shipped GEMV step), and
-``results/fourbit_matmul.json`` with the W1 plot (no options: the shipped tuning table, all
-shapes and W2). ``benchmarks/fourbit_profile.py`` shows the kernels behind each figure.
+(``--tune --ms 1 --skip-w2 --max-candidates 2``, the shipped GEMV step),
+``results/fourbit_matmul_tune.json`` (``--tune``, all shapes and W2: the other entries of
+``tuned.json``), and ``results/fourbit_matmul.json`` with the W1 plot (no options: the shipped
+tuning table, all shapes and W2). ``benchmarks/fourbit_profile.py`` shows the kernels behind each figure.
 """
 
 from __future__ import annotations
