@@ -2,7 +2,8 @@
 
 ``gpu_events(trace_dir)`` returns every event on the trace's GPU planes (kernels and copies)
 with its stream, name, start and duration, via ``jax.profiler.ProfileData`` (no TensorBoard).
-``trace(fn, calls)`` runs ``fn`` ``calls`` times under the profiler and returns those events.
+``trace(fn, calls)`` runs ``fn`` ``calls`` times under the profiler and returns those events;
+``split_calls(events, calls)`` cuts them back into one list per call.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Callable
 
 import jax
 
-__all__ = ["gpu_events", "trace", "kind_of"]
+__all__ = ["gpu_events", "trace", "kind_of", "split_calls"]
 
 
 def gpu_events(trace_dir: str) -> list[dict]:
@@ -61,3 +62,12 @@ def kind_of(name: str) -> str:
   if "memcpy" in low or "memset" in low:
     return "other-copy"
   return "kernel"
+
+
+def split_calls(events: list[dict], calls: int) -> list[list[dict]]:
+  """``events`` (by start time) of ``calls`` waited-for calls, one list per call: cut at the
+  ``calls - 1`` largest gaps between consecutive starts (the host's waits between calls)."""
+  gaps = sorted(((events[i + 1]["start_ms"] - events[i]["start_ms"], i + 1)
+                 for i in range(len(events) - 1)), reverse=True)[:calls - 1]
+  cuts = [0] + sorted(i for _, i in gaps) + [len(events)]
+  return [events[a:b] for a, b in zip(cuts, cuts[1:])]

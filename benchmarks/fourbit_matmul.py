@@ -22,7 +22,8 @@ only the first N candidates of each shape. The committed results came from, on o
 (``--tune --ms 1 --skip-w2 --max-candidates 2``, the shipped GEMV step),
 ``results/fourbit_matmul_tune.json`` (``--tune``, all shapes and W2: the other entries of
 ``tuned.json``), and ``results/fourbit_matmul.json`` with the W1 plot (no options: the shipped
-tuning table, all shapes and W2). ``benchmarks/fourbit_profile.py`` shows the kernels behind each figure.
+tuning table, all shapes and W2). ``benchmarks/fourbit_profile.py`` shows the kernels behind
+each figure.
 """
 
 from __future__ import annotations

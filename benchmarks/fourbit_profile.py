@@ -27,7 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import jaxquant as jq  # noqa: E402
 from benchmarks import fourbit_matmul as w1  # noqa: E402
 from benchmarks._timing import report_env  # noqa: E402
-from benchmarks._trace import kind_of, trace  # noqa: E402
+from benchmarks._trace import kind_of, split_calls, trace  # noqa: E402
 
 CALLS = 5
 
@@ -37,11 +37,7 @@ def _per_layer(events: list[dict], calls: int) -> dict:
   kernels = [e for e in events if kind_of(e["name"]) == "kernel"]
   if not kernels:
     return {"kernels": {}, "sum_us": 0.0}
-  # Split the calls at the gaps the host waits left between them (the largest calls-1 gaps).
-  gaps = sorted(((kernels[i + 1]["start_ms"] - kernels[i]["start_ms"], i + 1)
-                 for i in range(len(kernels) - 1)), reverse=True)[:calls - 1]
-  cuts = [0] + sorted(i for _, i in gaps) + [len(kernels)]
-  per_call = [kernels[a:b] for a, b in zip(cuts, cuts[1:])]
+  per_call = split_calls(kernels, calls)
   names = sorted({e["name"] for e in kernels})
   table = {}
   for name in names:

@@ -21,7 +21,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._trace import gpu_events, kind_of  # noqa: E402
+from benchmarks._trace import gpu_events, kind_of, split_calls  # noqa: E402
 from benchmarks.optim_step import _block, _params  # noqa: E402
 import jaxquant.optim as jo  # noqa: E402
 
@@ -55,11 +55,7 @@ def main() -> None:
   events = gpu_events(trace_dir)
   if not events:
     raise SystemExit("no GPU events in the trace")
-  # The last step: events after the largest gap between consecutive events' starts.
-  starts = [e["start_ms"] for e in events]
-  gaps = [(starts[i + 1] - starts[i], i + 1) for i in range(len(starts) - 1)]
-  cut = max(gaps)[1] if gaps else 0
-  last = events[cut:]
+  last = split_calls(events, args.steps)[-1]
   t0 = last[0]["start_ms"]
   end = max(e["start_ms"] + e["dur_ms"] for e in last)
   print(f"last step: {len(last)} events, {end - t0:.2f} ms from first to last event")

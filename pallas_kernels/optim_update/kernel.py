@@ -9,8 +9,8 @@ the reference), writes the update or the new parameter, takes each new state's b
 (NaN-propagating) and its correctly rounded reciprocal, and writes the codes of the scaled
 state from ``exact.encode_fixed`` (or ``exact.encode``, ``KernelConfig.encoder``): byte for
 byte bitsandbytes' binary search, from small-table lookups and a multiply-add (plus a read of
-the map near midpoints). Each byte of
-gradient, parameter and state is read once and each output byte written once: for AdamW with
+the map near midpoints). Each byte of gradient, parameter and state is read once and each
+output byte written once: for AdamW with
 ``write="param"`` that is 4 + 4 + 2 bytes read and 4 + 2 written per parameter, plus 16 bytes of
 absmax per block.
 
